@@ -1,0 +1,301 @@
+"""Typed run configuration: dataclasses whose defaults are the paper's recipe, YAML files, dotted overrides.
+
+A config is loaded in three layers: the dataclass defaults, then a YAML file, then `--set a.b=c`
+overrides. Every value is type-checked and range-checked at load time, so a bad value fails with one
+error naming the field (`objective.equal_fraction must be in [0, 1], got 1.5`) before any cluster
+resource is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _in_unit_interval(section: str, name: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, f"{section}.{name} must be in [0, 1], got {value}")
+
+
+def _positive(section: str, name: str, value: float) -> None:
+    _check(value > 0, f"{section}.{name} must be > 0, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """The dual-head DiT (method.md section 2). Defaults: the paper's 679M DuMo-XL/2 on 32x32x4 latents."""
+
+    preset: str = "DuMo-XL/2"
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    # 0: each head is one final layer; k > 0: the last k blocks are duplicated per head (iMF design).
+    head_depth: int = 0
+    # t and t - r enter the sinusoidal embedding as t * time_scale; 1.0 is measured to be right (method 2).
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        from dumo_ray.models.dit import PRESETS  # local import: the model module is heavy
+
+        _choice("model", "preset", self.preset, tuple(PRESETS))
+        _positive("model", "input_size", self.input_size)
+        _positive("model", "in_channels", self.in_channels)
+        _positive("model", "num_classes", self.num_classes)
+        _positive("model", "time_scale", self.time_scale)
+        depth = PRESETS[self.preset]["depth"]
+        _check(0 <= self.head_depth < depth,
+               f"model.head_depth must be in [0, {depth - 1}] for {self.preset}, got {self.head_depth}")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Every knob of method.md sections 3-5. `equal_fraction: null` means the objective's own default."""
+
+    name: str = "dumo"  # dumo | meanflow | flow_matching
+    tangent: str = "v_hat"  # v_hat: stopgrad(v-head) | v_target: the (guided) velocity target
+    estimator: str = "jvp"  # jvp | finite_difference
+    fd_step: float = 5e-3
+    time_sampler: str = "logit_normal"  # logit_normal | uniform
+    time_mean: float = -0.4
+    time_std: float = 1.0
+    equal_fraction: Optional[float] = None  # share of samples with r = t (dumo 0.0, meanflow 0.75)
+    zero_fraction: float = 0.0  # share of samples with r = 0
+    lambda_v: float = 1.0
+    lambda_u: float = 1.0
+    adaptive_p_v: float = 1.0
+    adaptive_c_v: float = 1e-3
+    adaptive_p_u: float = 1.0
+    adaptive_c_u: float = 1e-3
+    class_dropout: float = 0.1
+    # Guidance baked into the velocity target inside [cfg_t_lo, cfg_t_hi]: w*v_t + k*v_c + (1-w-k)*v_n.
+    # w = 1, k = 0 turns it off. Defaults: MeanFlow-XL values (effective scale w / (1 - k) = 2.5).
+    cfg_w: float = 0.2
+    cfg_k: float = 0.92
+    cfg_t_lo: float = 0.0
+    cfg_t_hi: float = 0.75
+
+    def __post_init__(self) -> None:
+        _choice("objective", "name", self.name, ("dumo", "meanflow", "flow_matching"))
+        _choice("objective", "tangent", self.tangent, ("v_hat", "v_target"))
+        _choice("objective", "estimator", self.estimator, ("jvp", "finite_difference"))
+        _choice("objective", "time_sampler", self.time_sampler, ("logit_normal", "uniform"))
+        _positive("objective", "fd_step", self.fd_step)
+        _positive("objective", "time_std", self.time_std)
+        if self.equal_fraction is not None:
+            _in_unit_interval("objective", "equal_fraction", self.equal_fraction)
+        _in_unit_interval("objective", "zero_fraction", self.zero_fraction)
+        _check(self.resolved_equal_fraction + self.zero_fraction <= 1.0,
+               "objective.equal_fraction + objective.zero_fraction must be <= 1, got "
+               f"{self.resolved_equal_fraction} + {self.zero_fraction}")
+        _in_unit_interval("objective", "class_dropout", self.class_dropout)
+        for name in ("lambda_v", "lambda_u", "adaptive_p_v", "adaptive_p_u"):
+            _check(getattr(self, name) >= 0, f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        _positive("objective", "adaptive_c_v", self.adaptive_c_v)
+        _positive("objective", "adaptive_c_u", self.adaptive_c_u)
+        _in_unit_interval("objective", "cfg_t_lo", self.cfg_t_lo)
+        _in_unit_interval("objective", "cfg_t_hi", self.cfg_t_hi)
+        _check(self.cfg_t_lo <= self.cfg_t_hi,
+               f"objective.cfg_t_lo ({self.cfg_t_lo}) must be <= objective.cfg_t_hi ({self.cfg_t_hi})")
+        _check(self.cfg_k < 1.0, f"objective.cfg_k must be < 1 (scale w / (1 - k)), got {self.cfg_k}")
+
+    @property
+    def resolved_equal_fraction(self) -> float:
+        if self.equal_fraction is not None:
+            return self.equal_fraction
+        return 0.75 if self.name == "meanflow" else 0.0
+
+    @property
+    def guidance(self) -> bool:
+        return not (self.cfg_w == 1.0 and self.cfg_k == 0.0)
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits: scikit-learn's bundled 8x8 digits in pixel space
+
+    def __post_init__(self) -> None:
+        _choice("data", "source", self.source, ("digits",))
+
+
+@dataclass
+class OptimConfig:
+    """Adam(0.9, 0.95), lr 1e-4 constant, no weight decay, global batch 256, EMA 0.9999, clip 1.0."""
+
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    batch_size: int = 256  # global batch, images per optimizer step
+    ema_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        _positive("optim", "lr", self.lr)
+        _check(0.0 <= self.beta1 < 1.0, f"optim.beta1 must be in [0, 1), got {self.beta1}")
+        _check(0.0 <= self.beta2 < 1.0, f"optim.beta2 must be in [0, 1), got {self.beta2}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        _positive("optim", "batch_size", self.batch_size)
+        _in_unit_interval("optim", "ema_decay", self.ema_decay)
+
+
+@dataclass
+class TrainConfig:
+    """Progress is counted in images; every interval is rounded up to a multiple of the global batch."""
+
+    total_images: int = 240 * 1_281_167  # 240 ImageNet epochs
+    log_every_images: int = 25_600
+    sample_every_images: int = 0  # 0: sample grids only at the end
+    checkpoint_every_images: int = 1_280_000
+    keep_checkpoints: int = 3
+    out_dir: str = "runs/dumo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    sample_steps: list[int] = field(default_factory=lambda: [1, 2])
+    sample_mid_time: float = 0.5
+    num_sample_images: int = 100
+
+    def __post_init__(self) -> None:
+        _positive("train", "total_images", self.total_images)
+        _positive("train", "log_every_images", self.log_every_images)
+        _check(self.sample_every_images >= 0, f"train.sample_every_images must be >= 0, got {self.sample_every_images}")
+        _positive("train", "checkpoint_every_images", self.checkpoint_every_images)
+        _positive("train", "keep_checkpoints", self.keep_checkpoints)
+        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
+        _check(all(s > 0 for s in self.sample_steps), f"train.sample_steps must be positive, got {self.sample_steps}")
+        _check(0.0 < self.sample_mid_time < 1.0, f"train.sample_mid_time must be in (0, 1), got {self.sample_mid_time}")
+        _positive("train", "num_sample_images", self.num_sample_images)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.source == "digits":
+            m = self.model
+            _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
+                   "data.source 'digits' is 8x8 pixels, 1 channel, 10 classes: set model.input_size=8, "
+                   f"model.in_channels=1, model.num_classes=10 (got {m.input_size}, {m.in_channels}, {m.num_classes})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. for MLflow params."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> typed dataclasses
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(annotation)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is str:
+        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            _check(isinstance(value, dict), f"{prefix}{name} must be a mapping, got {value!r}")
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`optim.lr=3e-4` -> {"optim": {"lr": 0.0003}}; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = text.partition("=")
+    _check(bool(sep) and bool(key.strip()), f"override {text!r} must look like section.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError naming the bad field."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        _check(path.is_file(), f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        _check(isinstance(loaded, dict), f"config file {path} must hold a mapping at the top level")
+        values = loaded
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return config_from_dict(values)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Evaluation: Frechet distances, the digits judge, image grids."""

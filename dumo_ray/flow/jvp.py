@@ -1,0 +1,65 @@
+"""The core primitive: the network's outputs and the total derivative of u along the flow.
+
+MeanFlow identity: u(x_t, r, t) = v(x_t, t) - (t - r) * d/dt u(x_t, r, t), where
+d/dt u = (du/dx) . v + du/dt is a Jacobian-vector product with tangent (v, 0, 1) on (x, r, t).
+The tangent on r is 0: r is held fixed while t moves (the model sees t and t - r, so moving t moves
+both embeddings, which autodiff handles).
+
+Estimators:
+- `jvp` (default): forward-mode AD with torch.func.jvp, autocast off (the objectives pass fp32
+  inputs, so the JVP runs in fp32). The fused SDPA kernels have no forward-mode derivative, so the
+  JVP runs with the math attention kernel; the plain forward elsewhere keeps the fast kernel.
+- `finite_difference`: [u(x_t, r, t) - u(x_t - h*tau, r, t - h)] / h under no-grad; works where
+  forward-mode AD does not (e.g. DeepSpeed ZeRO-3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dumo_ray.flow.path import broadcast_time
+
+
+def math_attention():
+    """Selects torch's math SDPA kernel, the one with a forward-mode derivative."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def autocast_off(device_type: str):
+    """The JVP stays in its inputs' precision (fp32) inside a bf16 autocast region: fp16/bf16 JVPs go NaN."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def u_and_dudt(
+    model: nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    y: torch.Tensor,
+    tangent: torch.Tensor,
+    *,
+    estimator: str = "jvp",
+    fd_step: float = 5e-3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (v, u, dudt); v and u carry gradients, dudt is the derivative along (tangent, 0, 1) and
+    carries none."""
+    if estimator == "jvp":
+        def outputs(x: torch.Tensor, t_: torch.Tensor):
+            return model(x, t_, r, y)
+
+        with math_attention(), autocast_off(x_t.device.type):
+            (v, u), (_, dudt) = torch.func.jvp(
+                outputs, (x_t, t), (tangent.to(x_t.dtype), torch.ones_like(t))
+            )
+        return v, u, dudt.detach()
+    if estimator == "finite_difference":
+        v, u = model(x_t, t, r, y)
+        # Step back along the trajectory by h, never below t = 0 (h shrinks near the data end).
+        h = torch.clamp(torch.minimum(torch.full_like(t, fd_step), t), min=1e-6)
+        with torch.no_grad():
+            _, u_prev = model(x_t - broadcast_time(h, x_t) * tangent, t - h, r, y)
+        dudt = (u.detach() - u_prev) / broadcast_time(h, x_t)
+        return v, u, dudt
+    raise ValueError(f"unknown derivative estimator {estimator!r}; use 'jvp' or 'finite_difference'")
+

@@ -1,0 +1,174 @@
+"""The three training objectives (method.md section 3) as callable classes.
+
+Each is called as `loss, terms = objective(model, batch, generator)` with `batch = {"x0": (N, C, H, W),
+"y": (N,)}`; `loss` is the scalar to back-propagate and `terms` a dict of detached scalars to log. The
+training loop never knows which objective it runs.
+
+- `dumo` (default, reconstructed): every sample trains both heads. L_v on the v-head, L_u on the
+  u-head with the MeanFlow identity target built from the JVP of the u-head along (tau, 0, 1),
+  tau = stopgrad(v_hat) by default.
+- `meanflow`: one output (the u-head), 75% of the batch with r = t, tangent (v_target, 0, 1).
+- `flow_matching`: velocity only; the multi-step reference.
+
+Both losses are adaptively weighted, L -> L / stopgrad((L + c)^p) with L the per-sample sum of squared
+errors. The weighted loss sits near 1 whatever happens, so the unweighted MSEs are logged too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dumo_ray.config import ObjectiveConfig
+from dumo_ray.flow.jvp import u_and_dudt
+from dumo_ray.flow.path import TimeSampler, broadcast_time, conditional_velocity, interpolate
+
+
+def per_sample_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors per sample, in fp32: (N, ...) -> (N,)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).sum(dim=1)
+
+
+def adaptive_weighted(sse: torch.Tensor, p: float, c: float) -> torch.Tensor:
+    """L / stopgrad((L + c)^p), per sample. p = 0 gives back the plain loss."""
+    return sse / (sse.detach() + c).pow(p)
+
+
+@dataclass
+class NoisedBatch:
+    """One training batch after the objective's randomness: labels dropped, times and noise drawn."""
+
+    x0: torch.Tensor
+    y: torch.Tensor  # labels after class dropout
+    dropped: torch.Tensor  # bool (N,): label replaced by the null class
+    t: torch.Tensor
+    r: torch.Tensor
+    x_t: torch.Tensor
+    v_t: torch.Tensor  # conditional velocity e - x0
+
+
+class Objective:
+    """Shared pieces: class dropout, noise, time sampling and the guided velocity target."""
+
+    def __init__(self, cfg: ObjectiveConfig, num_classes: int):
+        self.cfg = cfg
+        self.null_class = num_classes
+        self.times = TimeSampler(cfg.time_sampler, cfg.time_mean, cfg.time_std,
+                                 cfg.resolved_equal_fraction, cfg.zero_fraction)
+
+    def draw(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> NoisedBatch:
+        x0, y = batch["x0"].float(), batch["y"]
+        n, device = x0.shape[0], x0.device
+        dropped = torch.rand(n, generator=generator, device=device) < self.cfg.class_dropout
+        y = torch.where(dropped, torch.full_like(y, self.null_class), y)
+        t, r = self.sample_times(n, generator, device)
+        e = torch.randn(x0.shape, generator=generator, device=device)
+        return NoisedBatch(x0, y, dropped, t, r, interpolate(x0, e, t), conditional_velocity(x0, e))
+
+    def sample_times(self, n: int, generator: torch.Generator, device: torch.device):
+        return self.times(n, generator, device)
+
+    def guided_target(self, nb: NoisedBatch, v_c: torch.Tensor | None, v_n: torch.Tensor | None) -> torch.Tensor:
+        """w * v_t + k * v_c + (1 - w - k) * v_n inside the time window; plain v_t elsewhere and for
+        samples whose label was dropped."""
+        if v_c is None:
+            return nb.v_t
+        w, k = self.cfg.cfg_w, self.cfg.cfg_k
+        guided = w * nb.v_t + k * v_c.float() + (1 - w - k) * v_n.float()
+        inside = (nb.t >= self.cfg.cfg_t_lo) & (nb.t <= self.cfg.cfg_t_hi) & ~nb.dropped
+        return torch.where(broadcast_time(inside, nb.v_t), guided, nb.v_t)
+
+    @torch.no_grad()
+    def label_and_null_predictions(self, model: nn.Module, nb: NoisedBatch, r: torch.Tensor, head: int):
+        """No-grad predictions of one head with the batch labels and with the null label, in one pass
+        of 2N samples (the fast attention kernel)."""
+        y_null = torch.full_like(nb.y, self.null_class)
+        outputs = model(torch.cat([nb.x_t, nb.x_t]), torch.cat([nb.t, nb.t]), torch.cat([r, r]), torch.cat([nb.y, y_null]))
+        return outputs[head].float().chunk(2)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        raise NotImplementedError
+
+
+class DuMoObjective(Objective):
+    """Both heads from one input, every sample (method.md 3.1, reconstructed)."""
+
+    def __call__(self, model, batch, generator):
+        cfg = self.cfg
+        nb = self.draw(batch, generator)
+        v_c = v_n = None
+        if cfg.guidance:
+            v_c, v_n = self.label_and_null_predictions(model, nb, nb.r, head=0)
+        elif cfg.tangent == "v_hat":
+            with torch.no_grad():
+                v_c = model(nb.x_t, nb.t, nb.r, nb.y)[0].float()
+        v_target = self.guided_target(nb, v_c, v_n) if cfg.guidance else nb.v_t
+        # v_c is the v-head at the batch's own labels, i.e. stopgrad(v_hat): the velocity head
+        # supplies the tangent that bounds the flow-map head.
+        tangent = v_c if cfg.tangent == "v_hat" else v_target
+        v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent,
+                                        estimator=cfg.estimator, fd_step=cfg.fd_step)
+        interval = broadcast_time((nb.t - nb.r).clamp(0.0, 1.0), dudt)
+        u_target = (v_target - interval * dudt).detach()
+        sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
+        loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
+        loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
+        loss = cfg.lambda_v * loss_v + cfg.lambda_u * loss_u
+        dim = v_hat[0].numel()
+        return loss, {"loss": loss.detach(), "loss_v": loss_v.detach(), "loss_u": loss_u.detach(),
+                      "mse_v": sse_v.detach().mean() / dim, "mse_u": sse_u.detach().mean() / dim}
+
+
+class MeanFlowObjective(Objective):
+    """One input, one output: the u-head alone, r = t for 75% of the batch (method.md 3.2)."""
+
+    def __call__(self, model, batch, generator):
+        cfg = self.cfg
+        nb = self.draw(batch, generator)
+        if cfg.guidance:
+            # u(x_t, t, t) is the velocity: guidance predictions come from the u-head at r = t.
+            v_c, v_n = self.label_and_null_predictions(model, nb, nb.t, head=1)
+            v_target = self.guided_target(nb, v_c, v_n)
+        else:
+            v_target = nb.v_t
+        _, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, v_target,
+                                    estimator=cfg.estimator, fd_step=cfg.fd_step)
+        interval = broadcast_time((nb.t - nb.r).clamp(0.0, 1.0), dudt)
+        u_target = (v_target - interval * dudt).detach()
+        sse_u = per_sample_sse(u_hat, u_target)
+        loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
+        loss = cfg.lambda_u * loss_u
+        return loss, {"loss": loss.detach(), "loss_u": loss_u.detach(), "mse_u": sse_u.detach().mean() / u_hat[0].numel()}
+
+
+class FlowMatchingObjective(Objective):
+    """Velocity only, r ignored (fed as r = t); sampled with many Euler steps (method.md 3.3)."""
+
+    def sample_times(self, n, generator, device):
+        t = self.times.base(n, generator, device)
+        return t, t.clone()
+
+    def __call__(self, model, batch, generator):
+        cfg = self.cfg
+        nb = self.draw(batch, generator)
+        v_c = v_n = None
+        if cfg.guidance:
+            v_c, v_n = self.label_and_null_predictions(model, nb, nb.r, head=0)
+        v_target = self.guided_target(nb, v_c, v_n)
+        v_hat, _ = model(nb.x_t, nb.t, nb.r, nb.y)
+        sse_v = per_sample_sse(v_hat, v_target)
+        loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
+        loss = cfg.lambda_v * loss_v
+        return loss, {"loss": loss.detach(), "loss_v": loss_v.detach(), "mse_v": sse_v.detach().mean() / v_hat[0].numel()}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "dumo": DuMoObjective,
+    "meanflow": MeanFlowObjective,
+    "flow_matching": FlowMatchingObjective,
+}
+
+
+def build_objective(cfg: ObjectiveConfig, num_classes: int) -> Objective:
+    return OBJECTIVES[cfg.name](cfg, num_classes)

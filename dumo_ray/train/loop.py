@@ -1,0 +1,247 @@
+"""The training loop, counted in images. The single-process trainer lives here; the pieces it is made of
+(model/optimizer construction, the step, status lines, sample grids, checkpoints) are shared with the
+distributed trainer.
+
+Resume by rerunning the same command: the newest checkpoint in `train.out_dir` is loaded and the data
+order, time/noise draws and image counter continue from it (all randomness derives from
+(seed, rank, step, purpose), so nothing else needs saving).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from dumo_ray.config import Config, save_config
+from dumo_ray.data.batches import epoch_batches
+from dumo_ray.data.digits import load_digits_tensors, to_pixels
+from dumo_ray.eval.grids import save_grid
+from dumo_ray.flow import build_objective
+from dumo_ray.flow.sampler import sample
+from dumo_ray.models import build_model, count_parameters
+from dumo_ray.seeding import derive_seed, generator
+from dumo_ray.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from dumo_ray.train.ema import EMA
+from dumo_ray.train.step import LocalStepper, NonFiniteGuard
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for the main pass; the JVP and its target switch it off (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def round_to_batch(images: int, batch: int) -> int:
+    """Intervals are multiples of the global batch (rounded up)."""
+    return max(batch, -(-images // batch) * batch)
+
+
+def build_model_from_config(cfg: Config) -> nn.Module:
+    m = cfg.model
+    # Same seed on every rank: the replicas start identical.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.train.seed, "init"))
+        return build_model(m.preset, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
+                           head_depth=m.head_depth, time_scale=m.time_scale)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+
+class StatusLine:
+    """Prints and records one line per logging interval: images, img/s, step time, losses, grad norm."""
+
+    def __init__(self, images: int, metrics_path: Path | None = None):
+        self.last_images, self.last_time = images, time.perf_counter()
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.metrics_path = metrics_path
+
+    def add(self, terms: dict[str, torch.Tensor], grad_norm: float) -> None:
+        for key, value in {**terms, "grad_norm": grad_norm}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps += 1
+
+    def emit(self, images: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = now - self.last_time
+        row = {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+        row.update(images=images, images_per_s=(images - self.last_images) / elapsed,
+                   step_time_s=elapsed / max(self.steps, 1))
+        terms = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("images", "images_per_s", "step_time_s"))
+        print(f"[dumo-ray] images {images:,} | {row['images_per_s']:.1f} img/s | {row['step_time_s'] * 1000:.0f} ms/step | {terms}",
+              flush=True)
+        if self.metrics_path is not None:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.last_images, self.last_time, self.sums, self.steps = images, now, {}, 0
+        return row
+
+
+def sample_for_grid(model: nn.Module, cfg: Config, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced samples from fixed seeds (the same images at every checkpoint)."""
+    n = cfg.train.num_sample_images
+    labels = torch.arange(n) % cfg.model.num_classes
+    seeds = [derive_seed(cfg.train.seed, "grid", i) for i in range(n)]
+    method = "euler" if cfg.objective.name == "flow_matching" else "u"
+    head = 1 if cfg.objective.name == "meanflow" else 0
+    images = sample(model, labels, seeds, steps=steps, method=method, mid=cfg.train.sample_mid_time, head=head)
+    return images, labels
+
+
+def write_sample_grids(model: nn.Module, cfg: Config, directory: Path, tag: str) -> dict[int, Path]:
+    """One PNG grid per configured step count; returns {steps: path}."""
+    paths = {}
+    nrow = min(cfg.model.num_classes, 10)
+    for steps in cfg.train.sample_steps:
+        images, _ = sample_for_grid(model, cfg, steps)
+        paths[steps] = save_grid(images, directory / f"{tag}_{steps}step.png", nrow=nrow,
+                                 upscale=4 if cfg.model.input_size <= 16 else 1)
+    return paths
+
+
+def score_digits(model: nn.Module, cfg: Config) -> dict[str, float]:
+    """Class accuracy and FD-digits of the grid samples at each configured step count."""
+    from dumo_ray.eval.digits import DigitsJudge
+
+    judge = DigitsJudge()
+    scores = {}
+    for steps in cfg.train.sample_steps:
+        images, labels = sample_for_grid(model, cfg, steps)
+        s = judge.score(to_pixels(images), labels.numpy())
+        scores[f"accuracy_{steps}step"], scores[f"fd_{steps}step"] = s.accuracy, s.fd
+    return scores
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    images: int = 0
+
+
+def run_steps(
+    *,
+    cfg: Config,
+    model: nn.Module,
+    objective: Callable,
+    stepper: Any,
+    ema: EMA,
+    ema_source: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    progress: Progress,
+    device: torch.device,
+    precision: str,
+    rank: int = 0,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[Progress], None] | None = None,
+    status: StatusLine | None = None,
+) -> Progress:
+    """The loop shared by both trainers: until train.total_images, one objective step per batch, EMA,
+    status lines and checkpoints at image intervals. `model` is what the objective calls (a plain module
+    or an engine), `ema_source` the unwrapped module the EMA follows."""
+    t = cfg.train
+    batch = cfg.optim.batch_size
+    log_every = round_to_batch(t.log_every_images, batch)
+    ckpt_every = round_to_batch(t.checkpoint_every_images, batch)
+    status = status or StatusLine(progress.images)
+    guard = NonFiniteGuard()
+    model.train()
+    while progress.images < t.total_images:
+        data = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        gen = generator(t.seed, rank, progress.step, "objective", device=device)
+        with autocast(precision, device):
+            loss, terms = objective(model, data, gen)
+        grad_norm, applied = stepper.step(loss)
+        progress.step += 1
+        progress.images += batch
+        guard.record(applied, progress.images)
+        if applied:
+            ema.update(ema_source)
+            status.add(terms, grad_norm)
+        if progress.images % log_every == 0 or progress.images >= t.total_images:
+            row = status.emit(progress.images)
+            if on_log is not None:
+                on_log(row)
+        if on_checkpoint is not None and (progress.images % ckpt_every == 0 or progress.images >= t.total_images):
+            on_checkpoint(progress)
+    return progress
+
+
+def train_single_process(cfg: Config) -> dict[str, Any]:
+    """Trains on the bundled digits in this process; writes checkpoints, sample grids, metrics.jsonl and
+    (for digits) a summary with class accuracy and FD at each sample step count."""
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+
+    model = build_model_from_config(cfg).to(device)
+    ema = EMA(model, cfg.optim.ema_decay)
+    optimizer = build_optimizer(cfg, model)
+    objective = build_objective(cfg.objective, cfg.model.num_classes)
+    progress = Progress()
+
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        state = load_state(resume, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = Progress(step=int(state["step"]), images=int(state["images"]))
+        print(f"[dumo-ray] resuming from {resume} (image {progress.images:,}, step {progress.step:,})", flush=True)
+
+    print(f"[dumo-ray] {cfg.model.preset}: {count_parameters(model):,} parameters | objective {cfg.objective.name} "
+          f"| {device} {precision} | batch {cfg.optim.batch_size} | {cfg.train.total_images:,} images", flush=True)
+
+    x, y = load_digits_tensors()
+    batches = epoch_batches(x, y, cfg.optim.batch_size, cfg.train.seed, start_image=progress.images)
+
+    def checkpoint(p: Progress) -> None:
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "step": p.step, "images": p.images, "config": cfg.to_dict()}
+        save_checkpoint(out, p.images, state, keep=cfg.train.keep_checkpoints)
+
+    def on_log(row: dict[str, float]) -> None:
+        every = cfg.train.sample_every_images
+        if every and row["images"] % round_to_batch(every, cfg.optim.batch_size) == 0:
+            write_sample_grids(ema.module, cfg, out / "samples", f"images_{int(row['images']):012d}")
+
+    started = time.perf_counter()
+    run_steps(cfg=cfg, model=model, objective=objective, stepper=LocalStepper(model, optimizer, cfg.optim.grad_clip),
+              ema=ema, ema_source=model, batches=batches, progress=progress, device=device, precision=precision,
+              on_log=on_log, on_checkpoint=checkpoint, status=StatusLine(progress.images, out / "metrics.jsonl"))
+    elapsed = time.perf_counter() - started
+
+    grids = write_sample_grids(ema.module, cfg, out / "samples", "final")
+    summary: dict[str, Any] = {"images": progress.images, "steps": progress.step, "train_seconds": round(elapsed, 1),
+                               "checkpoint": str(latest_checkpoint(out)), "grids": {k: str(v) for k, v in grids.items()}}
+    if cfg.data.source == "digits":
+        summary.update(score_digits(ema.module, cfg))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("[dumo-ray] done: " + json.dumps(summary), flush=True)
+    return summary

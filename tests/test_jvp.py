@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from dumo_ray.flow import u_and_dudt
+from dumo_ray.flow.path import broadcast_time
+
+
+def central_difference_along(model, x, t, r, y, tangent_x, tangent_r, tangent_t, eps=1e-6):
+    """d/ds u(x + s*tx, r + s*tr, t + s*tt) at s = 0, by a float64 central difference."""
+    plus = model(x + eps * tangent_x, t + eps * tangent_t, r + eps * tangent_r, y)[1]
+    minus = model(x - eps * tangent_x, t - eps * tangent_t, r - eps * tangent_r, y)[1]
+    return (plus - minus) / (2 * eps)
+
+
+def rel_err(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.fixture
+def setting(random_micro_model):
+    model = random_micro_model.double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.7, 0.5, 0.3], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.1, 0.5, 0.0], dtype=torch.float64)
+    y = torch.tensor([0, 3, 7, 10])
+    tangent = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    return model, x, t, r, y, tangent
+
+
+def test_jvp_matches_central_difference_along_v_0_1(setting):
+    model, x, t, r, y, tangent = setting
+    v, u, dudt = u_and_dudt(model, x, t, r, y, tangent)
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    reference = central_difference_along(model, x, t, r, y, tangent, zeros, ones)
+    assert rel_err(dudt, reference) < 1e-4
+    # The primal outputs are the plain forward's.
+    v_ref, u_ref = model(x, t, r, y)
+    torch.testing.assert_close(u, u_ref)
+    torch.testing.assert_close(v, v_ref)
+
+
+def test_wrong_tangent_order_is_detected(setting):
+    """(v, 1, 0) on (x, r, t) is a different derivative: our dudt must not match it."""
+    model, x, t, r, y, tangent = setting
+    _, _, dudt = u_and_dudt(model, x, t, r, y, tangent)
+    ones, zeros = torch.ones_like(t), torch.zeros_like(t)
+    wrong = central_difference_along(model, x, t, r, y, tangent, ones, zeros)
+    assert rel_err(dudt, wrong) > 0.1
+
+
+def test_outputs_carry_gradients_and_dudt_does_not(random_micro_model):
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.8, 0.6])
+    v, u, dudt = u_and_dudt(random_micro_model, x, t, t / 2, torch.tensor([1, 2]), torch.randn_like(x))
+    assert v.requires_grad and u.requires_grad and not dudt.requires_grad
+    (v.sum() + u.sum()).backward()
+    assert random_micro_model.u_head.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_finite_difference_estimator_is_close_to_jvp(setting):
+    model, x, t, r, y, tangent = setting
+    _, _, exact = u_and_dudt(model, x, t, r, y, tangent)
+    _, _, approx = u_and_dudt(model, x, t, r, y, tangent, estimator="finite_difference", fd_step=1e-4)
+    assert rel_err(approx, exact) < 0.01
+
+
+def test_unknown_estimator(setting):
+    model, x, t, r, y, tangent = setting
+    with pytest.raises(ValueError, match="unknown derivative estimator"):
+        u_and_dudt(model, x, t, r, y, tangent, estimator="magic")
