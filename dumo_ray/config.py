@@ -194,13 +194,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def __post_init__(self) -> None:
-        if self.data.source == "digits":
-            m = self.model
-            _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
-                   "data.source 'digits' is 8x8 pixels, 1 channel, 10 classes: set model.input_size=8, "
-                   f"model.in_channels=1, model.num_classes=10 (got {m.input_size}, {m.in_channels}, {m.num_classes})")
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -227,6 +220,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         (inner,) = typing.get_args(annotation)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
         return float(value)
     if annotation is int:
@@ -279,8 +277,19 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+def check_consistency(cfg: Config) -> None:
+    """Checks across sections (each section checks its own fields when it is built)."""
+    if cfg.data.source == "digits":
+        m = cfg.model
+        _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
+               "data.source 'digits' is 8x8 pixels, 1 channel, 10 classes: set model.input_size=8, "
+               f"model.in_channels=1, model.num_classes=10 (got {m.input_size}, {m.in_channels}, {m.num_classes})")
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    return _build(Config, values, "")
+    cfg = _build(Config, values, "")
+    check_consistency(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -113,13 +113,16 @@ def sample_for_grid(model: nn.Module, cfg: Config, steps: int) -> tuple[torch.Te
     return images, labels
 
 
+GRID_IMAGES = 100  # a 10 x 10 grid; scoring uses all train.num_sample_images
+
+
 def write_sample_grids(model: nn.Module, cfg: Config, directory: Path, tag: str) -> dict[int, Path]:
     """One PNG grid per configured step count; returns {steps: path}."""
     paths = {}
     nrow = min(cfg.model.num_classes, 10)
     for steps in cfg.train.sample_steps:
         images, _ = sample_for_grid(model, cfg, steps)
-        paths[steps] = save_grid(images, directory / f"{tag}_{steps}step.png", nrow=nrow,
+        paths[steps] = save_grid(images[:GRID_IMAGES], directory / f"{tag}_{steps}step.png", nrow=nrow,
                                  upscale=4 if cfg.model.input_size <= 16 else 1)
     return paths
 
@@ -180,7 +183,7 @@ def run_steps(
         progress.images += batch
         guard.record(applied, progress.images)
         if applied:
-            ema.update(ema_source)
+            ema.update(ema_source, progress.step)
             status.add(terms, grad_norm)
         if progress.images % log_every == 0 or progress.images >= t.total_images:
             row = status.emit(progress.images)

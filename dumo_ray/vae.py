@@ -1,0 +1,47 @@
+"""The SD-VAE (diffusers `AutoencoderKL`): load by hub id or local directory, encode, decode.
+
+Latents are stored as the raw posterior moments (mean, std); sampling and normalisation happen just in
+time during training (EDM2 style), so one precompute serves any normalisation choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+
+def load_vae(id_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """`stabilityai/sd-vae-ft-ema` (needs the hub or its cache) or a local `save_pretrained` directory."""
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(id_or_path, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"could not load the VAE {id_or_path!r}: {err}. Give a hub id reachable from this machine or a local "
+            "directory written by AutoencoderKL.save_pretrained (config.json + weights).") from err
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_config_hash(vae) -> str:
+    """A short hash of the VAE's config, stored in the manifest so latents and decoder can be matched."""
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def downsample_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (N, 3, H, W) in [-1, 1] -> posterior (mean, std), each (N, C, H/f, W/f), fp32."""
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean.float(), posterior.std.float()
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Unnormalised latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1]."""
+    return vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)

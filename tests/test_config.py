@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from dumo_ray.config import Config, ConfigError, load_config, parse_override, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = Config()
+    assert cfg.model.preset == "DuMo-XL/2" and cfg.model.time_scale == 1.0
+    assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.batch_size, cfg.optim.ema_decay) == (1e-4, 0.9, 0.95, 256, 0.9999)
+    assert cfg.objective.name == "dumo" and cfg.objective.resolved_equal_fraction == 0.0
+    assert (cfg.objective.time_mean, cfg.objective.time_std) == (-0.4, 1.0)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(ROOT / "configs/quickstart.yaml",
+                      ["optim.lr=3e-4", "objective.equal_fraction=0.25", "train.sample_steps=[1, 4]", "objective.name=meanflow"])
+    assert cfg.optim.lr == 3e-4 and cfg.objective.equal_fraction == 0.25
+    assert cfg.train.sample_steps == [1, 4] and cfg.objective.resolved_equal_fraction == 0.25
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-1", "optim.lr must be > 0, got -1"),
+    ("objective.equal_fraction=1.5", "objective.equal_fraction must be in [0, 1], got 1.5"),
+    ("objective.zero_fraction=-0.1", "objective.zero_fraction must be in [0, 1]"),
+    ("model.preset=DuMo-XXL/2", "model.preset must be one of"),
+    ("objective.name=shortcut", "objective.name must be one of dumo, meanflow, flow_matching"),
+    ("objective.estimator=fd", "objective.estimator must be one of jvp, finite_difference"),
+    ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+    ("optim.batch_size=12.5", "optim.batch_size must be an integer"),
+    ("optim.momentum=0.9", "unknown config key optim.momentum"),
+    ("objective.cfg_k=1.0", "objective.cfg_k must be < 1"),
+    ("model.input_size=32", "data.source 'digits' is 8x8 pixels"),
+    ("lr", "override 'lr' must look like section.key=value"),
+])
+def test_bad_values_fail_with_one_clear_error_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/quickstart.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_fractions_must_not_exceed_one():
+    with pytest.raises(ConfigError, match=r"equal_fraction \+ objective.zero_fraction must be <= 1"):
+        load_config(ROOT / "configs/quickstart.yaml", ["objective.equal_fraction=0.7", "objective.zero_fraction=0.5"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
