@@ -33,6 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--mid", type=float, default=0.5, help="intermediate time of the 2-step sampler")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="a .png grid, or .npz with images (uint8 NHWC) and labels")
+    pre = commands.add_parser("precompute", help="images -> VAE latents -> Parquet shards (Ray Data)")
+    pre.add_argument("--input", required=True, help="image tree root/<class>/<image>")
+    pre.add_argument("--output", required=True, help="folder for the shards and manifest.json")
+    pre.add_argument("--vae", required=True,
+                     help="AutoencoderKL hub id (e.g. stabilityai/sd-vae-ft-ema) or local directory; 'none' keeps pixels")
+    pre.add_argument("--resolution", type=int, required=True, help="center-crop size in pixels, e.g. 256")
+    pre.add_argument("--flip", action="store_true", help="also store the encoding of each mirrored image")
+    pre.add_argument("--limit", type=int, default=None, help="only the first N files (sorted by path)")
+    pre.add_argument("--shard-size", type=int, default=1000, help="images per Parquet shard (default 1000)")
+    pre.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default 32)")
+    pre.add_argument("--num-encoders", type=int, default=None, help="VAE actors (default: one per GPU, else 1)")
+    pre.add_argument("--grayscale", action="store_true", help="with --vae none: keep one channel (the digits demo)")
+    pre.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+    ver = commands.add_parser("verify-latents", help="check a precomputed latent folder; decode a few rows to a PNG")
+    ver.add_argument("folder")
+    ver.add_argument("--preview", default=None, help="PNG path for decoded rows (default: <folder>/preview.png)")
+    ver.add_argument("--vae", default=None, help="VAE to decode with (default: the manifest's)")
+
+    digits = commands.add_parser("digits-tree", help="write the bundled digits as an image tree of PNG files")
+    digits.add_argument("--output", required=True)
+    digits.add_argument("--limit", type=int, default=None)
     return parser
 
 
@@ -51,6 +73,38 @@ def main(argv: list[str] | None = None) -> int:
             path = sample_to_file(args.checkpoint, args.out, steps=args.steps, num=args.num, labels=args.labels,
                                   method=args.method, seed=args.seed, mid=args.mid)
             print(f"[dumo-ray] wrote {path}")
+        elif args.command == "precompute":
+            import ray
+
+            from pipelines.precompute_latents import precompute_latents
+
+            if args.grayscale and args.vae != "none":
+                raise ValueError("--grayscale only applies with --vae none (the VAE takes RGB)")
+            ray.init(address=args.address, ignore_reinit_error=True)
+            try:
+                precompute_latents(args.input, args.output, vae=None if args.vae == "none" else args.vae,
+                                   resolution=args.resolution, flip=args.flip, limit=args.limit,
+                                   shard_size=args.shard_size, batch_size=args.batch_size,
+                                   num_encoders=args.num_encoders, mode="L" if args.grayscale else "RGB")
+            finally:
+                ray.shutdown()
+        elif args.command == "verify-latents":
+            from pathlib import Path
+
+            from dumo_ray.data.verify import verify_latents
+
+            preview = args.preview or str(Path(args.folder) / "preview.png")
+            report = verify_latents(args.folder, preview=preview, vae=args.vae)
+            for problem in report["problems"]:
+                print(f"problem: {problem}")
+            print(f"[dumo-ray] {report['shards']} shards, {report['rows']:,} rows, "
+                  f"{len(report['problems'])} problems; preview {preview}")
+            return 1 if report["problems"] else 0
+        elif args.command == "digits-tree":
+            from dumo_ray.data.digits import write_digits_tree
+
+            count = write_digits_tree(args.output, args.limit)
+            print(f"[dumo-ray] wrote {count} PNG files under {args.output}/<digit>/")
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"dumo-ray {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ No download: the data ships inside scikit-learn. Pixels 0..16 map to [-1, 1] for
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -32,3 +34,22 @@ def to_pixels(x: torch.Tensor) -> np.ndarray:
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = load_digits_arrays()
     return to_model_space(images), torch.from_numpy(labels)
+
+
+def write_digits_tree(root: str | Path, limit: int | None = None) -> int:
+    """Writes the digits as real 8-bit grayscale PNG files in an ImageNet-style tree root/<digit>/<n>.png,
+    so the precompute path (listing, decoding, cropping) is exercised on them. Returns the file count."""
+    from PIL import Image
+
+    images, labels = load_digits_arrays()
+    root = Path(root)
+    count = 0
+    for index, (image, label) in enumerate(zip(images, labels)):
+        if limit is not None and count >= limit:
+            break
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(image * (255.0 / DIGITS_MAX)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{index:04d}.png")
+        count += 1
+    return count

@@ -1,0 +1,106 @@
+"""The latent dataset format: Parquet shards + `manifest.json`, and how training reads them.
+
+Each row is one (image, flip): `key` (path relative to the source root), `label` (int64), `flip`
+(bool, True = encoding of the mirrored image) and `moments` (float16, shape (2, C, h, w): the VAE
+posterior mean and std). The moments column is Ray's tensor extension type, so Ray Data reads the
+shape back; its storage is a flat list, and the shape is also in the file metadata
+(`dumo_ray.moments_shape`), so plain pyarrow can read it too (`read_shard`).
+
+With `--vae none` the "moments" are the pixels in [-1, 1] and a zero std: one format for both paths.
+Latents are normalised just in time: z = (mean + std * eps - channel_mean) / channel_std, with the
+per-channel statistics of the manifest (or a single scale such as SD's 0.18215).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SHAPE_KEY = b"dumo_ray.moments_shape"
+COLUMNS = ("key", "label", "flip", "moments")
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"shard-{index:05d}-of-{total:05d}.parquet"
+
+
+def moments_table(keys: list[str], labels: np.ndarray, flips: np.ndarray, moments: np.ndarray) -> pa.Table:
+    """moments: (N, 2, C, h, w) -> a table in the shard schema (float16 moments)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    moments = np.ascontiguousarray(moments, dtype=np.float16)
+    table = pa.table({
+        "key": pa.array(keys, pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "flip": pa.array(np.asarray(flips, dtype=bool)),
+        "moments": ArrowTensorArray.from_numpy(moments),
+    })
+    return table.replace_schema_metadata({SHAPE_KEY: json.dumps(list(moments.shape[1:])).encode()})
+
+
+def read_shard(path: str | Path) -> dict[str, Any]:
+    """Plain pyarrow: {"key": list, "label": (N,), "flip": (N,), "moments": (N, 2, C, h, w) float16}."""
+    table = pq.read_table(path)
+    shape = json.loads(table.schema.metadata[SHAPE_KEY])
+    column = table.column("moments").combine_chunks()
+    storage = column.storage if isinstance(column, pa.ExtensionArray) else column
+    flat = storage.flatten().to_numpy(zero_copy_only=False)
+    return {
+        "key": table.column("key").to_pylist(),
+        "label": table.column("label").to_numpy(),
+        "flip": table.column("flip").to_numpy(zero_copy_only=False),
+        "moments": flat.reshape(len(table), *shape),
+    }
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {root} the output folder of `dumo-ray precompute`?")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema version {manifest.get('schema_version')}, this dumo-ray reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def channel_stats(sum_mean: np.ndarray, sum_sq: np.ndarray, count: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of z ~ N(mean, std^2) over every latent pixel:
+    E[z] = E[mean], E[z^2] = E[mean^2 + std^2]."""
+    mean = sum_mean / count
+    var = np.maximum(sum_sq / count - mean ** 2, 0.0)
+    return mean.tolist(), np.sqrt(var).tolist()
+
+
+def moment_sums(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel sums of the mean and of mean^2 + std^2 over rows and pixels, in float64."""
+    m = moments.astype(np.float64)
+    mean, std = m[:, 0], m[:, 1]
+    sum_mean = mean.sum(axis=(0, 2, 3))
+    sum_sq = (mean ** 2 + std ** 2).sum(axis=(0, 2, 3))
+    return sum_mean, sum_sq, mean.shape[0] * mean.shape[2] * mean.shape[3]
+
+
+def sample_normalized(moments: torch.Tensor, channel_mean: torch.Tensor, channel_std: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, 2, C, h, w) moments -> (N, C, h, w) normalised latent sample, fp32."""
+    moments = moments.float()
+    mean, std = moments[:, 0], moments[:, 1]
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+    z = mean + std * eps
+    return (z - channel_mean.view(1, -1, 1, 1)) / channel_std.view(1, -1, 1, 1)

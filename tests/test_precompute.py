@@ -1,0 +1,161 @@
+"""Latent precompute on a real local Ray, a real (tiny) AutoencoderKL loaded with from_pretrained, real
+Parquet files, and a folder of good and bad images."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from dumo_ray.data.images import load_image
+from dumo_ray.data.latents import load_manifest, read_shard
+from dumo_ray.data.verify import verify_latents
+from dumo_ray.vae import encode_moments, load_vae
+from pipelines.precompute_latents import precompute_latents
+
+GOOD = ["cat/photo.jpg", "cat/gray.png", "cat/rgba.png", "dog/cmyk.jpg", "dog/wide.jpg", "dog/palette.gif", "dog/sub/deep.png"]
+BAD = {"cat/truncated.jpg": "cannot decode", "cat/empty.jpg": "empty file", "dog/notes.txt": "cannot decode",
+       "dog/huge.png": "too large"}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A real AutoencoderKL (random weights, 2 blocks: downsampling 2) saved and loaded the way users do."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=32, sample_size=16)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+
+    def save(rel, image, **kw):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, **kw)
+
+    save("cat/photo.jpg", Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)))
+    save("cat/gray.png", Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8), mode="L"))
+    save("cat/rgba.png", Image.fromarray(rng.integers(0, 255, (18, 18, 4), dtype=np.uint8), mode="RGBA"))
+    save("dog/cmyk.jpg", Image.fromarray(rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)).convert("CMYK"))
+    save("dog/wide.jpg", Image.fromarray(rng.integers(0, 255, (600, 2000, 3), dtype=np.uint8)))
+    save("dog/palette.gif", Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).convert("P"))
+    save("dog/sub/deep.png", Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)))
+    save("dog/huge.png", Image.new("1", (9000, 8000)))  # 72M pixels: skipped before decoding
+    (root / "cat/empty.jpg").write_bytes(b"")
+    (root / "dog/notes.txt").write_text("not an image")
+    jpeg = (root / "cat/photo.jpg").read_bytes()
+    (root / "cat/truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return root
+
+
+def all_rows(folder):
+    manifest = load_manifest(folder)
+    shards = [read_shard(folder / s["file"]) for s in manifest["shards"]]
+    return manifest, {k: np.concatenate([s[k] for s in shards]) if k != "key" else sum((s["key"] for s in shards), [])
+                      for k in ("key", "label", "flip", "moments")}
+
+
+def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, tiny_vae, image_tree, tmp_path, capsys):
+    out = tmp_path / "latents"
+    summary = precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=4)
+    manifest, rows = all_rows(out)
+
+    # Good images encoded twice (plain + mirrored), bad ones listed with their reason.
+    assert sorted(set(rows["key"])) == sorted(GOOD)
+    assert manifest["rows"] == 2 * len(GOOD) == len(rows["key"])
+    assert sorted((k, bool(f)) for k, f in zip(rows["key"], rows["flip"])) == sorted((k, f) for k in GOOD for f in (False, True))
+    reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == set(BAD)
+    for key, reason in BAD.items():
+        assert reasons[key].startswith(reason), (key, reasons[key])
+    assert summary["skipped"] == len(BAD) and summary["encoded_now"] == len(GOOD)
+    assert manifest["classes"] == ["cat", "dog"] and manifest["latent_shape"] == [4, 8, 8]
+    assert manifest["vae"]["id"] == tiny_vae and len(manifest["shards"]) == 4  # 11 files / 3 per shard
+    assert {k: int(l) for k, l in zip(rows["key"], rows["label"])}["dog/sub/deep.png"] == 1
+
+    # The stored moments are the VAE posterior of the center-cropped image (fp16 storage).
+    vae = load_vae(tiny_vae)
+    pixels, _ = load_image(image_tree / "cat/photo.jpg", 16)
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    for flipped, image in [(False, x), (True, torch.flip(x, dims=[3]))]:
+        mean, std = encode_moments(vae, image)
+        i = [j for j, (k, f) in enumerate(zip(rows["key"], rows["flip"])) if k == "cat/photo.jpg" and f == flipped][0]
+        np.testing.assert_allclose(rows["moments"][i, 0], mean[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(rows["moments"][i, 1], std[0].numpy(), rtol=2e-3, atol=2e-3)
+
+    # Manifest statistics equal a direct computation over all stored rows.
+    m = rows["moments"].astype(np.float64)
+    direct_mean = m[:, 0].mean(axis=(0, 2, 3))
+    direct_std = np.sqrt((m[:, 0] ** 2 + m[:, 1] ** 2).mean(axis=(0, 2, 3)) - direct_mean ** 2)
+    np.testing.assert_allclose(manifest["latent_stats"]["mean"], direct_mean, rtol=1e-9)
+    np.testing.assert_allclose(manifest["latent_stats"]["std"], direct_std, rtol=1e-9)
+
+    # Ray Data reads the tensor column with its shape; plain pyarrow sees the shape in the file metadata.
+    ds = ray.data.read_parquet([str(out / s["file"]) for s in manifest["shards"]])
+    batch = ds.take_batch(batch_size=100, batch_format="numpy")
+    assert batch["moments"].shape == (2 * len(GOOD), 2, 4, 8, 8)
+    assert json.loads(pq.read_schema(out / manifest["shards"][0]["file"]).metadata[b"dumo_ray.moments_shape"]) == [2, 4, 8, 8]
+    assert verify_latents(out, preview=tmp_path / "preview.png")["problems"] == []
+    assert Image.open(tmp_path / "preview.png").width > 16
+
+    # Interrupted run: one shard lost (and a partial temp file left behind) -> the rerun redoes only it.
+    lost = out / manifest["shards"][1]["file"]
+    lost.unlink()
+    lost.with_suffix(".json").unlink()
+    (out / f".tmp-{lost.name}-999").write_bytes(b"partial")
+    capsys.readouterr()
+    precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=4)
+    assert "3 already done, 1 to do" in capsys.readouterr().out
+    manifest2, rows2 = all_rows(out)
+    pairs = [(k, bool(f)) for k, f in zip(rows2["key"], rows2["flip"])]
+    assert len(pairs) == len(set(pairs)) == 2 * len(GOOD)
+    assert manifest2["shards"] == manifest["shards"]  # deterministic: the same bytes again
+
+    # A rerun with other settings is refused rather than mixing two datasets.
+    with pytest.raises(ValueError, match="different settings .*resolution"):
+        precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=32, flip=True, shard_size=3)
+
+    # verify-latents notices a corrupted shard.
+    path = out / manifest["shards"][0]["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert any("checksum" in p for p in verify_latents(out)["problems"])
+
+
+def test_digits_tree_in_pixel_space(local_ray, tmp_path):
+    from dumo_ray.data.digits import load_digits_arrays, write_digits_tree
+
+    assert write_digits_tree(tmp_path / "digits", limit=40) == 40
+    precompute_latents(str(tmp_path / "digits"), str(tmp_path / "px"), vae=None, resolution=8, mode="L", shard_size=16)
+    manifest, rows = all_rows(tmp_path / "px")
+    assert manifest["rows"] == 40 and manifest["latent_shape"] == [1, 8, 8] and manifest["skipped"] == []
+    images, labels = load_digits_arrays()
+    i = rows["key"].index("3/0003.png")
+    expected = np.round(images[3] * 255 / 16) / 127.5 - 1
+    np.testing.assert_allclose(rows["moments"][i, 0, 0], expected, atol=2e-3)
+    assert int(rows["label"][i]) == labels[3] and np.all(rows["moments"][:, 1] == 0)
+
+
+def test_missing_vae_is_a_clear_error(local_ray, image_tree, tmp_path):
+    with pytest.raises(FileNotFoundError, match="could not load the VAE"):
+        precompute_latents(str(image_tree), str(tmp_path / "o"), vae=str(tmp_path / "no-such-vae"), resolution=16)
