@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights")
     sample.add_argument("--checkpoint", required=True, help="checkpoint directory or its state.pt")
@@ -62,9 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            from dumo_ray.train.loop import train_single_process
+            cfg = load_config(args.config, args.overrides)
+            if args.address:
+                cfg.distributed.address = args.address
+            if cfg.distributed.launcher == "local":
+                from dumo_ray.train.loop import train_single_process
 
-            train_single_process(load_config(args.config, args.overrides))
+                train_single_process(cfg)
+            else:
+                from dumo_ray.train.launch import fit
+
+                result = fit(cfg)
+                if result.error is not None:
+                    print(f"dumo-ray train: error: the run failed: {result.error}", file=sys.stderr)
+                    return 1
+                print(f"[dumo-ray] run finished: {result.path}")
         elif args.command == "sample":
             from dumo_ray.sampling import sample_to_file
 

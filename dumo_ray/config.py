@@ -128,10 +128,69 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits: scikit-learn's bundled 8x8 digits in pixel space
+    """`digits`: scikit-learn's bundled 8x8 digits in memory (single-process trainer only).
+    `latents`: a folder written by `dumo-ray precompute` (Parquet shards + manifest.json)."""
+
+    source: str = "latents"
+    path: str = ""
+    # Rows with flip=True (the mirrored images' encodings) are extra training samples; false skips them.
+    use_flips: bool = True
+    # manifest: per-channel mean/std from the manifest; scale: z * latent_scale; none: as stored.
+    normalize: str = "manifest"
+    latent_scale: float = 0.18215
+    shuffle_buffer: int = 4096  # rows in each worker's seeded local shuffle buffer
+    # Keep the decoded dataset in Ray's object store instead of re-reading the Parquet files every epoch:
+    # auto = when it is under 2 GiB (the digits demo yes, ImageNet latents no).
+    cache: str = "auto"  # auto | always | never
 
     def __post_init__(self) -> None:
-        _choice("data", "source", self.source, ("digits",))
+        _choice("data", "source", self.source, ("digits", "latents"))
+        _choice("data", "normalize", self.normalize, ("manifest", "scale", "none"))
+        _check(self.source != "latents" or bool(self.path),
+               "data.path must name a latent folder (the --output of `dumo-ray precompute`) when data.source is 'latents'")
+        _positive("data", "latent_scale", self.latent_scale)
+        _choice("data", "cache", self.cache, ("auto", "always", "never"))
+        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+@dataclass
+class DistributedConfig:
+    """How `dumo-ray train` runs: Ray Train workers with DeepSpeed ZeRO, or one local process."""
+
+    launcher: str = "ray"  # ray: TorchTrainer + DeepSpeed | local: this process, plain PyTorch
+    address: Optional[str] = None  # Ray cluster address; None: RAY_ADDRESS or a new local Ray
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    max_failures: int = 3  # worker restarts (from the last checkpoint) before the run fails
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    max_nonfinite_steps: int = 20  # consecutive NaN/Inf steps tolerated (skipped) before stopping
+
+    def __post_init__(self) -> None:
+        _choice("distributed", "launcher", self.launcher, ("ray", "local"))
+        _positive("distributed", "num_workers", self.num_workers)
+        _check(self.cpus_per_worker >= 0, f"distributed.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker >= 0, f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        _check(self.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        _check(self.max_failures >= -1, f"distributed.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        _choice("distributed", "placement_strategy", self.placement_strategy,
+                ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+        _positive("distributed", "max_nonfinite_steps", self.max_nonfinite_steps)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. Locally a sqlite store (MLflow >= 3.13 refuses `file:` stores); on a cluster an http:// server."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dumo-ray"
+
+    def __post_init__(self) -> None:
+        _check(not self.uri.startswith("file:") and not self.uri.startswith("/"),
+               f"tracking.uri {self.uri!r}: MLflow >= 3.13 refuses file stores; use sqlite:///path.db or http://host:port")
 
 
 @dataclass
@@ -165,15 +224,22 @@ class TrainConfig:
     sample_every_images: int = 0  # 0: sample grids only at the end
     checkpoint_every_images: int = 1_280_000
     keep_checkpoints: int = 3
-    out_dir: str = "runs/dumo"
+    storage_path: str = "runs"  # local dir, NFS path or s3:// / gs:// URI; the run lives in storage_path/name
+    name: str = "dumo"  # rerunning with the same storage_path and name resumes the run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     sample_steps: list[int] = field(default_factory=lambda: [1, 2])
     sample_mid_time: float = 0.5
     num_sample_images: int = 100
+    # Fault-tolerance drills: the first time a run reaches this many images, one worker raises
+    # (0 = never). A marker file in the run directory keeps the restarted run from failing again.
+    fail_once_at_images: int = 0
+    # Digits demo: score the final EMA samples (class accuracy, FD-digits) and log them.
+    eval_digits: bool = False
 
     def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"train.name must be a plain name, got {self.name!r}")
         _positive("train", "total_images", self.total_images)
         _positive("train", "log_every_images", self.log_every_images)
         _check(self.sample_every_images >= 0, f"train.sample_every_images must be >= 0, got {self.sample_every_images}")
@@ -193,6 +259,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.train.storage_path.rstrip('/')}/{self.train.name}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,6 +351,11 @@ def parse_override(text: str) -> dict[str, Any]:
 
 def check_consistency(cfg: Config) -> None:
     """Checks across sections (each section checks its own fields when it is built)."""
+    if cfg.data.source == "digits" and cfg.distributed.launcher != "local":
+        raise ConfigError("data.source 'digits' is the in-memory demo of the local trainer: set distributed.launcher=local, "
+                          "or write the digits as a latent folder (dumo-ray digits-tree + precompute) and use data.source=latents")
+    if cfg.distributed.launcher == "local" and cfg.data.source != "digits":
+        raise ConfigError("distributed.launcher 'local' trains on data.source 'digits' only; latents train through Ray")
     if cfg.data.source == "digits":
         m = cfg.model
         _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),

@@ -9,18 +9,25 @@ import torch
 
 from dumo_ray.config import Config, config_from_dict
 from dumo_ray.eval.grids import save_grid
+from dumo_ray.export import is_export, load_export
 from dumo_ray.flow.sampler import sample
 from dumo_ray.seeding import derive_seed
 from dumo_ray.train.checkpoint import load_state
 from dumo_ray.train.loop import build_model_from_config
+from dumo_ray.vae import LatentDecoder
 
 
-def load_ema_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
-    state = load_state(checkpoint, map_location=device)
-    cfg = config_from_dict(state["config"])
+def load_ema_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict | None]:
+    """An EMA export folder (model.safetensors + config.yaml, from `dumo-ray train` on Ray) or a
+    single-process checkpoint (state.pt). Returns (model, config, latent info or None for pixels)."""
+    if is_export(checkpoint):
+        weights, cfg, latent_info = load_export(checkpoint)
+    else:
+        state = load_state(checkpoint, map_location="cpu")
+        cfg, weights, latent_info = config_from_dict(state["config"]), state["ema"], None
     model = build_model_from_config(cfg)
-    model.load_state_dict(state["ema"])
-    return model.to(device).eval(), cfg
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg, latent_info
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
@@ -30,10 +37,8 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
 
 def sample_to_file(checkpoint: str | Path, out: str | Path, *, steps: int, num: int, labels: Sequence[int] | None = None,
                    method: str | None = None, seed: int = 0, mid: float = 0.5, device: str = "cpu") -> Path:
-    model, cfg = load_ema_model(checkpoint, device)
-    if model.in_channels not in (1, 3):
-        raise ValueError(f"this checkpoint generates {model.in_channels}-channel latents; decoding them needs the VAE "
-                         "(not available for pixel-space output here)")
+    model, cfg, latent_info = load_ema_model(checkpoint, device)
+    decode = LatentDecoder.from_info(latent_info, device) if latent_info is not None else None
     classes = list(labels) if labels else list(range(cfg.model.num_classes))
     bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
     if bad:
@@ -44,6 +49,8 @@ def sample_to_file(checkpoint: str | Path, out: str | Path, *, steps: int, num: 
         method = "euler" if cfg.objective.name == "flow_matching" else "u"
     head = 1 if cfg.objective.name == "meanflow" else 0
     images = sample(model, chosen, seeds, steps=steps, method=method, mid=mid, head=head)
+    if decode is not None:
+        images = decode(images)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":

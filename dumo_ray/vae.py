@@ -45,3 +45,27 @@ def encode_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Unnormalised latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1]."""
     return vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+
+
+class LatentDecoder:
+    """Model-space samples -> images in [-1, 1]: undo the latent normalisation, then the VAE decoder
+    (loaded on first use) or nothing for pixel-space folders (`--vae none`)."""
+
+    def __init__(self, vae_id: str, channel_mean, channel_std, device: str | torch.device = "cpu"):
+        self.vae_id = vae_id
+        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(channel_std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.device = device
+        self.vae = None
+
+    @classmethod
+    def from_info(cls, info: dict, device: str | torch.device = "cpu") -> "LatentDecoder":
+        return cls(info["vae"], info["channel_mean"], info["channel_std"], device)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        raw = z.float().cpu() * self.std + self.mean
+        if self.vae_id == "none":
+            return raw.clamp(-1, 1)
+        if self.vae is None:
+            self.vae = load_vae(self.vae_id, self.device)
+        return decode(self.vae, raw).cpu()

@@ -21,7 +21,7 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(ROOT / "configs/quickstart.yaml",
+    cfg = load_config(ROOT / "configs/digits_local.yaml",
                       ["optim.lr=3e-4", "objective.equal_fraction=0.25", "train.sample_steps=[1, 4]", "objective.name=meanflow"])
     assert cfg.optim.lr == 3e-4 and cfg.objective.equal_fraction == 0.25
     assert cfg.train.sample_steps == [1, 4] and cfg.objective.resolved_equal_fraction == 0.25
@@ -46,13 +46,13 @@ def test_overrides_are_typed_and_nested(tmp_path):
 ])
 def test_bad_values_fail_with_one_clear_error_naming_the_field(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/quickstart.yaml", [override])
+        load_config(ROOT / "configs/digits_local.yaml", [override])
     assert message in str(err.value)
 
 
 def test_fractions_must_not_exceed_one():
     with pytest.raises(ConfigError, match=r"equal_fraction \+ objective.zero_fraction must be <= 1"):
-        load_config(ROOT / "configs/quickstart.yaml", ["objective.equal_fraction=0.7", "objective.zero_fraction=0.5"])
+        load_config(ROOT / "configs/digits_local.yaml", ["objective.equal_fraction=0.7", "objective.zero_fraction=0.5"])
 
 
 def test_missing_config_file():

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(out, total, extra=()):
-    args = ["train", "--config", str(ROOT / "configs/quickstart.yaml"),
+    args = ["train", "--config", str(ROOT / "configs/digits_local.yaml"),
             "--set", "model.preset=DuMo-Micro/2", "--set", "optim.batch_size=32", "--set", f"train.total_images={total}",
             "--set", "train.log_every_images=64", "--set", "train.checkpoint_every_images=128",
-            "--set", "train.num_sample_images=20", "--set", f"train.out_dir={out}", *extra]
+            "--set", "train.num_sample_images=20", "--set", f"train.storage_path={out.parent}", "--set", f"train.name={out.name}", *extra]
     assert main(args) == 0
 
 
@@ -64,5 +64,5 @@ def test_sample_errors_are_clear(tmp_path, capsys):
 
 
 def test_train_config_error_exits_2(capsys):
-    assert main(["train", "--config", str(ROOT / "configs/quickstart.yaml"), "--set", "optim.lr=-1"]) == 2
+    assert main(["train", "--config", str(ROOT / "configs/digits_local.yaml"), "--set", "optim.lr=-1"]) == 2
     assert "optim.lr must be > 0" in capsys.readouterr().err

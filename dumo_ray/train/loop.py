@@ -2,7 +2,7 @@
 (model/optimizer construction, the step, status lines, sample grids, checkpoints) are shared with the
 distributed trainer.
 
-Resume by rerunning the same command: the newest checkpoint in `train.out_dir` is loaded and the data
+Resume by rerunning the same command: the newest checkpoint in the run directory (`train.storage_path`/`train.name`) is loaded and the data
 order, time/noise draws and image counter continue from it (all randomness derives from
 (seed, rank, step, purpose), so nothing else needs saving).
 """
@@ -75,7 +75,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 class StatusLine:
     """Prints and records one line per logging interval: images, img/s, step time, losses, grad norm."""
 
-    def __init__(self, images: int, metrics_path: Path | None = None):
+    def __init__(self, images: int, metrics_path: Path | None = None, verbose: bool = True):
+        self.verbose = verbose
         self.last_images, self.last_time = images, time.perf_counter()
         self.sums: dict[str, float] = {}
         self.steps = 0
@@ -93,8 +94,9 @@ class StatusLine:
         row.update(images=images, images_per_s=(images - self.last_images) / elapsed,
                    step_time_s=elapsed / max(self.steps, 1))
         terms = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("images", "images_per_s", "step_time_s"))
-        print(f"[dumo-ray] images {images:,} | {row['images_per_s']:.1f} img/s | {row['step_time_s'] * 1000:.0f} ms/step | {terms}",
-              flush=True)
+        if self.verbose:
+            print(f"[dumo-ray] images {images:,} | {row['images_per_s']:.1f} img/s | {row['step_time_s'] * 1000:.0f} ms/step | {terms}",
+                  flush=True)
         if self.metrics_path is not None:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -116,25 +118,33 @@ def sample_for_grid(model: nn.Module, cfg: Config, steps: int) -> tuple[torch.Te
 GRID_IMAGES = 100  # a 10 x 10 grid; scoring uses all train.num_sample_images
 
 
-def write_sample_grids(model: nn.Module, cfg: Config, directory: Path, tag: str) -> dict[int, Path]:
-    """One PNG grid per configured step count; returns {steps: path}."""
+def write_sample_grids(model: nn.Module, cfg: Config, directory: Path, tag: str,
+                       decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[int, Path]:
+    """One PNG grid per configured step count; returns {steps: path}. `decode` maps model space to
+    images in [-1, 1] (undo the latent normalisation, run the VAE decoder)."""
     paths = {}
     nrow = min(cfg.model.num_classes, 10)
     for steps in cfg.train.sample_steps:
         images, _ = sample_for_grid(model, cfg, steps)
-        paths[steps] = save_grid(images[:GRID_IMAGES], directory / f"{tag}_{steps}step.png", nrow=nrow,
+        images = images[:GRID_IMAGES]
+        if decode is not None:
+            images = decode(images)
+        paths[steps] = save_grid(images, directory / f"{tag}_{steps}step.png", nrow=nrow,
                                  upscale=4 if cfg.model.input_size <= 16 else 1)
     return paths
 
 
-def score_digits(model: nn.Module, cfg: Config) -> dict[str, float]:
-    """Class accuracy and FD-digits of the grid samples at each configured step count."""
+def score_digits(model: nn.Module, cfg: Config, decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Class accuracy and FD-digits of the grid samples (train.num_sample_images, class-balanced, fixed
+    seeds) at each configured step count."""
     from dumo_ray.eval.digits import DigitsJudge
 
     judge = DigitsJudge()
     scores = {}
     for steps in cfg.train.sample_steps:
         images, labels = sample_for_grid(model, cfg, steps)
+        if decode is not None:
+            images = decode(images)
         s = judge.score(to_pixels(images), labels.numpy())
         scores[f"accuracy_{steps}step"], scores[f"fd_{steps}step"] = s.accuracy, s.fd
     return scores
@@ -152,8 +162,7 @@ def run_steps(
     model: nn.Module,
     objective: Callable,
     stepper: Any,
-    ema: EMA,
-    ema_source: nn.Module,
+    update_ema: Callable[[int], None],
     batches: Iterator[dict[str, torch.Tensor]],
     progress: Progress,
     device: torch.device,
@@ -161,17 +170,18 @@ def run_steps(
     rank: int = 0,
     on_log: Callable[[dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[Progress], None] | None = None,
+    on_step: Callable[[Progress], None] | None = None,
     status: StatusLine | None = None,
 ) -> Progress:
     """The loop shared by both trainers: until train.total_images, one objective step per batch, EMA,
     status lines and checkpoints at image intervals. `model` is what the objective calls (a plain module
-    or an engine), `ema_source` the unwrapped module the EMA follows."""
+    or a DeepSpeed engine); `update_ema(step)` folds the current weights into the EMA."""
     t = cfg.train
     batch = cfg.optim.batch_size
     log_every = round_to_batch(t.log_every_images, batch)
     ckpt_every = round_to_batch(t.checkpoint_every_images, batch)
     status = status or StatusLine(progress.images)
-    guard = NonFiniteGuard()
+    guard = NonFiniteGuard(cfg.distributed.max_nonfinite_steps)
     model.train()
     while progress.images < t.total_images:
         data = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -183,8 +193,10 @@ def run_steps(
         progress.images += batch
         guard.record(applied, progress.images)
         if applied:
-            ema.update(ema_source, progress.step)
+            update_ema(progress.step)
             status.add(terms, grad_norm)
+        if on_step is not None:
+            on_step(progress)
         if progress.images % log_every == 0 or progress.images >= t.total_images:
             row = status.emit(progress.images)
             if on_log is not None:
@@ -197,7 +209,7 @@ def run_steps(
 def train_single_process(cfg: Config) -> dict[str, Any]:
     """Trains on the bundled digits in this process; writes checkpoints, sample grids, metrics.jsonl and
     (for digits) a summary with class accuracy and FD at each sample step count."""
-    out = Path(cfg.train.out_dir)
+    out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     device = resolve_device(cfg.train.device)
@@ -236,7 +248,7 @@ def train_single_process(cfg: Config) -> dict[str, Any]:
 
     started = time.perf_counter()
     run_steps(cfg=cfg, model=model, objective=objective, stepper=LocalStepper(model, optimizer, cfg.optim.grad_clip),
-              ema=ema, ema_source=model, batches=batches, progress=progress, device=device, precision=precision,
+              update_ema=lambda step: ema.update(model, step), batches=batches, progress=progress, device=device, precision=precision,
               on_log=on_log, on_checkpoint=checkpoint, status=StatusLine(progress.images, out / "metrics.jsonl"))
     elapsed = time.perf_counter() - started
 

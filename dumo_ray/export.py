@@ -1,0 +1,47 @@
+"""Consolidated EMA exports: `model.safetensors` + `config.yaml` (+ the latent manifest's statistics),
+loadable without DeepSpeed or Ray. `dumo-ray sample` accepts such a folder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dumo_ray.config import Config, load_config, save_config
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+LATENTS = "latents.json"
+
+
+def export_ema(directory: str | Path, ema_state: dict[str, torch.Tensor], cfg: Config,
+               latent_info: dict[str, Any] | None = None) -> Path:
+    """Writes the folder atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / WEIGHTS)
+    save_config(cfg, tmp / CONFIG)
+    if latent_info is not None:
+        (tmp / LATENTS).write_text(json.dumps(latent_info, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / WEIGHTS).is_file()
+
+
+def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any] | None]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    latents = json.loads((path / LATENTS).read_text()) if (path / LATENTS).is_file() else None
+    return load_file(path / WEIGHTS), load_config(path / CONFIG), latents

@@ -1,0 +1,66 @@
+"""Builds and runs the Ray Train `TorchTrainer` (Train V2) for `dumo-ray train`.
+
+Rerunning the same command (same `train.storage_path` and `train.name`) resumes the run from its latest
+checkpoint: that is Ray Train V2's behaviour for a run that already exists in storage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dumo_ray.config import Config, ConfigError, save_config
+from dumo_ray.data.loader import latent_dataset, normalization
+
+
+def storage_uri(path: str) -> str:
+    """Ray wants an absolute local path or a URI (s3://, gs://, ...)."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_against_manifest(cfg: Config, manifest: dict[str, Any]) -> None:
+    c, h, w = manifest["latent_shape"]
+    m = cfg.model
+    if (m.in_channels, m.input_size, m.num_classes) != (c, h, manifest["num_classes"]):
+        raise ConfigError(f"model (in_channels {m.in_channels}, input_size {m.input_size}, num_classes {m.num_classes}) "
+                          f"does not match the latents in {cfg.data.path} ({c} channels, {h}x{w}, "
+                          f"{manifest['num_classes']} classes): set model.in_channels={c} model.input_size={h} "
+                          f"model.num_classes={manifest['num_classes']}")
+
+
+def fit(cfg: Config):
+    """Starts (or connects to) Ray, runs the trainer, returns Ray Train's Result."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dumo_ray.train.worker import train_loop_per_worker
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.distributed.address)
+    # Our status lines are the progress output; Ray Data's per-epoch bars would bury them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds, manifest, rows = latent_dataset(cfg.data)
+    check_against_manifest(cfg, manifest)
+    d = cfg.distributed
+    use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu else {})}
+    mean, std = normalization(cfg.data, manifest)
+    latent_info = {"vae": manifest["vae"]["id"], "channel_mean": mean.tolist(), "channel_std": std.tolist(),
+                   "latent_shape": manifest["latent_shape"], "classes": manifest["classes"]}
+    if "://" not in cfg.run_dir:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "rows": rows, "latent_info": latent_info, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=d.placement_strategy),
+        run_config=RunConfig(name=cfg.train.name, storage_path=storage_uri(cfg.train.storage_path),
+                             failure_config=FailureConfig(max_failures=d.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        datasets={"train": ds},
+        # Deterministic block order, so each worker's shard (and its seeded shuffle) repeats exactly.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    return trainer.fit()

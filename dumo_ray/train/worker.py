@@ -1,0 +1,179 @@
+"""`train_loop_per_worker`: the issue-2 loop inside a Ray Train worker, on a DeepSpeed ZeRO engine.
+
+Every rank: build the same model (same seed), wrap it in DeepSpeed, resume from Ray Train's latest
+checkpoint if there is one, stream latent batches from its dataset shard, and run `run_steps`. Rank 0
+also owns the MLflow run, the sample grids and the final EMA export. Checkpoints: every rank saves its
+DeepSpeed shard into a local temporary folder and reports it; Ray merges them into one checkpoint in
+`storage_path/name`. Rank 0 adds the EMA weights (safetensors) and `state.json` (step, images, MLflow
+run id). Data position, time/noise draws and posterior samples derive from (seed, rank, step), so a
+restart repeats nothing and skips nothing after its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dumo_ray.config import config_from_dict
+from dumo_ray.data.loader import LatentBatches
+from dumo_ray.export import export_ema
+from dumo_ray.flow import build_objective
+from dumo_ray.models import count_parameters
+from dumo_ray.train.deepspeed_engine import (DeepSpeedStepper, deepspeed_config, full_parameters, import_deepspeed,
+                                             max_rank_difference, parameter_fingerprint)
+from dumo_ray.train.ema import EMA
+from dumo_ray.train.loop import (Progress, StatusLine, build_model_from_config, build_optimizer,
+                                 resolve_precision, round_to_batch, run_steps, score_digits, write_sample_grids)
+from dumo_ray.vae import LatentDecoder
+
+DS_TAG = "deepspeed"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.json"
+FAILURE_MARKER = ".injected-failure-done"
+
+
+def write_export(run_dir: str, ema_state, cfg, latent_info) -> str:
+    """The consolidated EMA export in `<run_dir>/export`; for s3:// or gs:// storage it is written locally
+    and copied up with pyarrow's filesystems."""
+    if "://" not in run_dir:
+        return str(export_ema(Path(run_dir) / "export", ema_state, cfg, latent_info))
+    import pyarrow.fs
+
+    local = export_ema(Path(tempfile.mkdtemp(prefix="dumo-export-")) / "export", ema_state, cfg, latent_info)
+    pyarrow.fs.copy_files(str(local), f"{run_dir}/export")
+    return f"{run_dir}/export"
+
+
+def log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[dumo-ray] {message}", flush=True)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    from safetensors.torch import load_file, save_file
+
+    cfg = config_from_dict(loop_config["config"])
+    latent_info = loop_config["latent_info"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = bool(loop_config["use_gpu"])
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
+    precision = resolve_precision(cfg.train.precision, device)
+    deepspeed = import_deepspeed(use_gpu)
+
+    objective_cfg = cfg.objective
+    if cfg.distributed.zero_stage == 3 and objective_cfg.name != "flow_matching" and objective_cfg.estimator == "jvp":
+        # ZeRO-3's partitioned parameters go through autograd Functions without a forward-mode rule.
+        import dataclasses
+
+        objective_cfg = dataclasses.replace(objective_cfg, estimator="finite_difference")
+        log(rank, "ZeRO-3: torch.func.jvp is not supported through partitioned parameters; "
+                  "using objective.estimator=finite_difference")
+
+    model = build_model_from_config(cfg)
+    ema = EMA(model, cfg.optim.ema_decay)
+    optimizer = build_optimizer(cfg, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
+    objective = build_objective(objective_cfg, cfg.model.num_classes)
+    progress, mlflow_run_id = Progress(), None
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=DS_TAG)
+            ema.load_state_dict(load_file(Path(directory) / EMA_FILE))
+            state = json.loads((Path(directory) / STATE_FILE).read_text())
+        progress = Progress(step=state["step"], images=state["images"])
+        mlflow_run_id = state.get("mlflow_run_id")
+        log(rank, f"resumed from checkpoint at image {progress.images:,} (step {progress.step:,})")
+
+    log(rank, f"{cfg.model.preset}: {count_parameters(model):,} parameters | objective {objective_cfg.name} "
+              f"({objective_cfg.estimator}) | {world} workers x {cfg.optim.batch_size // world} | ZeRO-{cfg.distributed.zero_stage} "
+              f"| {device.type} {precision} | {cfg.train.total_images:,} images")
+
+    tracker = None
+    if rank == 0 and cfg.tracking.enabled:
+        from dumo_ray.tracking import MlflowRun
+
+        tracker = MlflowRun(cfg, mlflow_run_id)
+    decoder = LatentDecoder.from_info(latent_info, device) if rank == 0 else None
+    run_dir = Path(cfg.run_dir)
+    grid_dir = Path(tempfile.mkdtemp(prefix="dumo-grids-"))
+
+    def sample_grids(tag: str) -> None:
+        paths = write_sample_grids(ema.module, cfg, grid_dir, tag, decode=decoder)
+        if tracker is not None:
+            for path in paths.values():
+                tracker.log_artifact(path, "samples")
+
+    def update_ema(step: int) -> None:
+        with full_parameters(engine, cfg.distributed.zero_stage) as module:
+            ema.update(module, step)
+
+    def on_log(row: dict[str, float]) -> None:
+        metrics = {k: v for k, v in row.items() if k != "images"}
+        if tracker is not None:
+            tracker.log_metrics(metrics, int(row["images"]))
+        every = cfg.train.sample_every_images
+        if rank == 0 and every and int(row["images"]) % round_to_batch(every, cfg.optim.batch_size) == 0:
+            sample_grids(f"images_{int(row['images']):012d}")
+        ray.train.report({**row, "step": progress.step})
+
+    def on_checkpoint(p: Progress) -> None:
+        with full_parameters(engine, cfg.distributed.zero_stage) as module:
+            difference = max_rank_difference(parameter_fingerprint(module))
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save_checkpoint(directory, tag=DS_TAG)
+            if rank == 0:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, Path(directory) / EMA_FILE)
+                state = {"step": p.step, "images": p.images, "mlflow_run_id": tracker.run_id if tracker else None}
+                (Path(directory) / STATE_FILE).write_text(json.dumps(state))
+            metrics = {"images": p.images, "step": p.step, "rank_param_max_diff": difference}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        log(rank, f"checkpoint at image {p.images:,} (ranks' parameters differ by at most {difference:.3g})")
+
+    def on_step(p: Progress) -> None:
+        target = cfg.train.fail_once_at_images
+        if target and p.images >= target and rank == world - 1:
+            marker = run_dir / FAILURE_MARKER
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(p.images))
+                raise RuntimeError(f"injected failure at image {p.images} (train.fail_once_at_images)")
+
+    batches = iter(LatentBatches(
+        ray.train.get_dataset_shard("train"), micro_batch=cfg.optim.batch_size // world, rows=loop_config["rows"],
+        world_size=world, rank=rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        channel_mean=torch.tensor(latent_info["channel_mean"]), channel_std=torch.tensor(latent_info["channel_std"]),
+        device=device, start_step=progress.step))
+    status = StatusLine(progress.images, verbose=rank == 0)
+    try:
+        run_steps(cfg=cfg, model=engine, objective=objective, stepper=DeepSpeedStepper(engine), update_ema=update_ema,
+                  batches=batches, progress=progress, device=device, precision=precision, rank=rank,
+                  on_log=on_log, on_checkpoint=on_checkpoint, on_step=on_step, status=status)
+        if rank == 0:
+            sample_grids("final")
+            export = write_export(cfg.run_dir, ema.state_dict(), cfg, latent_info)
+            if tracker is not None and "://" not in export:
+                tracker.log_artifacts(export, "ema_export")
+            if cfg.train.eval_digits:
+                scores = score_digits(ema.module, cfg, decode=decoder)
+                log(rank, "digits: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+                if tracker is not None:
+                    tracker.log_metrics(scores, progress.images)
+            log(rank, f"done at image {progress.images:,}; EMA export: {export}")
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+            tracker = None
+        raise
+    finally:
+        if tracker is not None:
+            tracker.end()
+
