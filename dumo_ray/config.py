@@ -146,8 +146,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data", "source", self.source, ("digits", "latents"))
         _choice("data", "normalize", self.normalize, ("manifest", "scale", "none"))
-        _check(self.source != "latents" or bool(self.path),
-               "data.path must name a latent folder (the --output of `dumo-ray precompute`) when data.source is 'latents'")
         _positive("data", "latent_scale", self.latent_scale)
         _choice("data", "cache", self.cache, ("auto", "always", "never"))
         _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
@@ -350,7 +348,9 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def check_consistency(cfg: Config) -> None:
-    """Checks across sections (each section checks its own fields when it is built)."""
+    """Checks across fields and sections (each section checks its own fields when it is built)."""
+    _check(cfg.data.source != "latents" or bool(cfg.data.path),
+           "data.path must name a latent folder (the --output of `dumo-ray precompute`) when data.source is 'latents'")
     if cfg.data.source == "digits" and cfg.distributed.launcher != "local":
         raise ConfigError("data.source 'digits' is the in-memory demo of the local trainer: set distributed.launcher=local, "
                           "or write the digits as a latent folder (dumo-ray digits-tree + precompute) and use data.source=latents")
