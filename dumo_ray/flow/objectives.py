@@ -79,6 +79,12 @@ class Objective:
         inside = (nb.t >= self.cfg.cfg_t_lo) & (nb.t <= self.cfg.cfg_t_hi) & ~nb.dropped
         return torch.where(broadcast_time(inside, nb.v_t), guided, nb.v_t)
 
+    @staticmethod
+    def flow_map_target(nb: NoisedBatch, v_target: torch.Tensor, dudt: torch.Tensor) -> torch.Tensor:
+        """The MeanFlow identity as a stop-gradient target: u_tgt = v_tgt - clip(t - r, 0, 1) * du/dt."""
+        interval = broadcast_time((nb.t - nb.r).clamp(0.0, 1.0), dudt)
+        return (v_target - interval * dudt).detach()
+
     @torch.no_grad()
     def label_and_null_predictions(self, model: nn.Module, nb: NoisedBatch, r: torch.Tensor, head: int):
         """No-grad predictions of one head with the batch labels and with the null label, in one pass
@@ -109,8 +115,7 @@ class DuMoObjective(Objective):
         tangent = v_c if cfg.tangent == "v_hat" else v_target
         v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent,
                                         estimator=cfg.estimator, fd_step=cfg.fd_step)
-        interval = broadcast_time((nb.t - nb.r).clamp(0.0, 1.0), dudt)
-        u_target = (v_target - interval * dudt).detach()
+        u_target = self.flow_map_target(nb, v_target, dudt)
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
         loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
         loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
@@ -134,8 +139,7 @@ class MeanFlowObjective(Objective):
             v_target = nb.v_t
         _, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, v_target,
                                     estimator=cfg.estimator, fd_step=cfg.fd_step)
-        interval = broadcast_time((nb.t - nb.r).clamp(0.0, 1.0), dudt)
-        u_target = (v_target - interval * dudt).detach()
+        u_target = self.flow_map_target(nb, v_target, dudt)
         sse_u = per_sample_sse(u_hat, u_target)
         loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
         loss = cfg.lambda_u * loss_u

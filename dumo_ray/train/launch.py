@@ -40,7 +40,7 @@ def fit(cfg: Config):
         ray.init(address=cfg.distributed.address)
     # Our status lines are the progress output; Ray Data's per-epoch bars would bury them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds, manifest, rows = latent_dataset(cfg.data)
+    ds, manifest, rows, cached = latent_dataset(cfg.data)
     check_against_manifest(cfg, manifest)
     d = cfg.distributed
     use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -53,7 +53,8 @@ def fit(cfg: Config):
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "rows": rows, "latent_info": latent_info, "use_gpu": use_gpu},
+        train_loop_config={"config": cfg.to_dict(), "rows": rows, "cached": cached, "latent_info": latent_info,
+                           "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=d.placement_strategy),
         run_config=RunConfig(name=cfg.train.name, storage_path=storage_uri(cfg.train.storage_path),

@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.get_dataset_shard("train"), micro_batch=cfg.optim.batch_size // world, rows=loop_config["rows"],
         world_size=world, rank=rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         channel_mean=torch.tensor(latent_info["channel_mean"]), channel_std=torch.tensor(latent_info["channel_std"]),
-        device=device, start_step=progress.step))
+        device=device, start_step=progress.step, in_memory=loop_config["cached"]))
     status = StatusLine(progress.images, verbose=rank == 0)
     try:
         run_steps(cfg=cfg, model=engine, objective=objective, stepper=DeepSpeedStepper(engine), update_ema=update_ema,
