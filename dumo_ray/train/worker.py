@@ -76,8 +76,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log(rank, "ZeRO-3: torch.func.jvp is not supported through partitioned parameters; "
                   "using objective.estimator=finite_difference")
 
-    model = build_model_from_config(cfg)
-    ema = EMA(model, cfg.optim.ema_decay)
+    model = build_model_from_config(cfg).to(device)
+    num_parameters = count_parameters(model)  # before ZeRO-3 partitions the parameters away
+    ema = EMA(model, cfg.optim.ema_decay)  # a full fp32 copy on this worker's device
     optimizer = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
     objective = build_objective(objective_cfg, cfg.model.num_classes)
@@ -93,7 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         mlflow_run_id = state.get("mlflow_run_id")
         log(rank, f"resumed from checkpoint at image {progress.images:,} (step {progress.step:,})")
 
-    log(rank, f"{cfg.model.preset}: {count_parameters(model):,} parameters | objective {objective_cfg.name} "
+    log(rank, f"{cfg.model.preset}: {num_parameters:,} parameters | objective {objective_cfg.name} "
               f"({objective_cfg.estimator}) | {world} workers x {cfg.optim.batch_size // world} | ZeRO-{cfg.distributed.zero_stage} "
               f"| {device.type} {precision} | {cfg.train.total_images:,} images")
 
