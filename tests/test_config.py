@@ -58,3 +58,17 @@ def test_fractions_must_not_exceed_one():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+
+
+def test_relative_paths_are_resolved_for_ray_workers(tmp_path, monkeypatch):
+    from dumo_ray.train.launch import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs/quickstart.yaml")
+    resolved = absolute_paths(cfg)
+    assert resolved.train.storage_path == str(tmp_path / "runs")
+    assert resolved.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolved.data.path == str(tmp_path / "data/digits-latents")
+    s3 = absolute_paths(load_config(ROOT / "configs/quickstart.yaml", ["train.storage_path=s3://bucket/runs",
+                                                                        "tracking.uri=http://mlflow:5000"]))
+    assert s3.train.storage_path == "s3://bucket/runs" and s3.tracking.uri == "http://mlflow:5000"

@@ -5,6 +5,7 @@ checkpoint: that is Ray Train V2's behaviour for a run that already exists in st
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,18 @@ from dumo_ray.data.loader import latent_dataset, normalization
 def storage_uri(path: str) -> str:
     """Ray wants an absolute local path or a URI (s3://, gs://, ...)."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Ray Train workers run in their own working directory: relative paths (the run's storage, a
+    sqlite MLflow store, the latent folder) are resolved here, against the directory of the command."""
+    uri = cfg.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    data_path = cfg.data.path if "://" in cfg.data.path or not cfg.data.path else str(Path(cfg.data.path).resolve())
+    return replace(cfg, train=replace(cfg.train, storage_path=storage_uri(cfg.train.storage_path)),
+                   tracking=replace(cfg.tracking, uri=uri), data=replace(cfg.data, path=data_path))
 
 
 def check_against_manifest(cfg: Config, manifest: dict[str, Any]) -> None:
@@ -36,6 +49,7 @@ def fit(cfg: Config):
 
     from dumo_ray.train.worker import train_loop_per_worker
 
+    cfg = absolute_paths(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.distributed.address)
     # Our status lines are the progress output; Ray Data's per-epoch bars would bury them.
@@ -57,7 +71,7 @@ def fit(cfg: Config):
                            "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=d.placement_strategy),
-        run_config=RunConfig(name=cfg.train.name, storage_path=storage_uri(cfg.train.storage_path),
+        run_config=RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path,
                              failure_config=FailureConfig(max_failures=d.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets={"train": ds},
