@@ -93,5 +93,7 @@ class DeepSpeedStepper:
         self.engine.backward(loss)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        return norm, math.isfinite(norm) or self.engine.get_global_grad_norm() is None
+        if norm is None:  # this ZeRO setting computes no norm; DeepSpeed's own overflow check still ran
+            return math.nan, True
+        norm = float(norm)
+        return norm, math.isfinite(norm)
