@@ -32,7 +32,6 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
     import ray
     from mlflow.tracking import MlflowClient
