@@ -10,7 +10,7 @@ import torch
 from dumo_ray.config import Config, config_from_dict
 from dumo_ray.eval.grids import save_grid
 from dumo_ray.export import is_export, load_export
-from dumo_ray.flow.sampler import sample
+from dumo_ray.flow.sampler import default_method_and_head, sample
 from dumo_ray.seeding import derive_seed
 from dumo_ray.train.checkpoint import load_state
 from dumo_ray.train.loop import build_model_from_config
@@ -45,9 +45,8 @@ def sample_to_file(checkpoint: str | Path, out: str | Path, *, steps: int, num: 
         raise ValueError(f"labels must be in [0, {cfg.model.num_classes - 1}], got {bad}")
     chosen = torch.tensor([classes[i % len(classes)] for i in range(num)])
     seeds = [derive_seed(seed, "sample", i) for i in range(num)]
-    if method is None:
-        method = "euler" if cfg.objective.name == "flow_matching" else "u"
-    head = 1 if cfg.objective.name == "meanflow" else 0
+    default_method, head = default_method_and_head(cfg.objective.name)
+    method = method or default_method
     images = sample(model, chosen, seeds, steps=steps, method=method, mid=mid, head=head)
     if decode is not None:
         images = decode(images)

@@ -78,6 +78,14 @@ def euler(model: nn.Module, x1: torch.Tensor, y: torch.Tensor, steps: int, head:
     return x
 
 
+def default_method_and_head(objective: str) -> tuple[str, int]:
+    """How a model trained with `objective` samples by default: flow matching integrates its velocity
+    head (Euler); DuMo and MeanFlow jump with the u-head (MeanFlow's u-head is also its velocity)."""
+    method = "euler" if objective == "flow_matching" else "u"
+    head = U_HEAD if objective == "meanflow" else V_HEAD
+    return method, head
+
+
 @torch.no_grad()
 def sample(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int], *, steps: int = 1, method: str = "u",
            mid: float = 0.5, renoise: bool = False, guidance: float = 1.0, head: int = V_HEAD) -> torch.Tensor:

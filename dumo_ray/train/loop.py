@@ -23,7 +23,7 @@ from dumo_ray.data.batches import epoch_batches
 from dumo_ray.data.digits import load_digits_tensors, to_pixels
 from dumo_ray.eval.grids import save_grid
 from dumo_ray.flow import build_objective
-from dumo_ray.flow.sampler import sample
+from dumo_ray.flow.sampler import default_method_and_head, sample
 from dumo_ray.models import build_model, count_parameters
 from dumo_ray.seeding import derive_seed, generator
 from dumo_ray.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
@@ -104,13 +104,12 @@ class StatusLine:
         return row
 
 
-def sample_for_grid(model: nn.Module, cfg: Config, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced samples from fixed seeds (the same images at every checkpoint)."""
-    n = cfg.train.num_sample_images
+def sample_for_grid(model: nn.Module, cfg: Config, steps: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n class-balanced samples from fixed per-index seeds (the same images at every checkpoint,
+    and the grid's images are the first of the scored ones)."""
     labels = torch.arange(n) % cfg.model.num_classes
     seeds = [derive_seed(cfg.train.seed, "grid", i) for i in range(n)]
-    method = "euler" if cfg.objective.name == "flow_matching" else "u"
-    head = 1 if cfg.objective.name == "meanflow" else 0
+    method, head = default_method_and_head(cfg.objective.name)
     images = sample(model, labels, seeds, steps=steps, method=method, mid=cfg.train.sample_mid_time, head=head)
     return images, labels
 
@@ -125,8 +124,7 @@ def write_sample_grids(model: nn.Module, cfg: Config, directory: Path, tag: str,
     paths = {}
     nrow = min(cfg.model.num_classes, 10)
     for steps in cfg.train.sample_steps:
-        images, _ = sample_for_grid(model, cfg, steps)
-        images = images[:GRID_IMAGES]
+        images, _ = sample_for_grid(model, cfg, steps, min(cfg.train.num_sample_images, GRID_IMAGES))
         if decode is not None:
             images = decode(images)
         paths[steps] = save_grid(images, directory / f"{tag}_{steps}step.png", nrow=nrow,
@@ -142,7 +140,7 @@ def score_digits(model: nn.Module, cfg: Config, decode: Callable[[torch.Tensor],
     judge = DigitsJudge()
     scores = {}
     for steps in cfg.train.sample_steps:
-        images, labels = sample_for_grid(model, cfg, steps)
+        images, labels = sample_for_grid(model, cfg, steps, cfg.train.num_sample_images)
         if decode is not None:
             images = decode(images)
         s = judge.score(to_pixels(images), labels.numpy())
