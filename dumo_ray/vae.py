@@ -11,6 +11,12 @@ import json
 import torch
 
 
+def _not_found(id_or_path: str, err: Exception) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"could not load the VAE {id_or_path!r}: {err}. Give a hub id reachable from this machine or a local "
+        "directory written by AutoencoderKL.save_pretrained (config.json + weights).")
+
+
 def load_vae(id_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """`stabilityai/sd-vae-ft-ema` (needs the hub or its cache) or a local `save_pretrained` directory."""
     from diffusers import AutoencoderKL
@@ -18,20 +24,28 @@ def load_vae(id_or_path: str, device: str | torch.device = "cpu", dtype: torch.d
     try:
         vae = AutoencoderKL.from_pretrained(id_or_path, torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"could not load the VAE {id_or_path!r}: {err}. Give a hub id reachable from this machine or a local "
-            "directory written by AutoencoderKL.save_pretrained (config.json + weights).") from err
+        raise _not_found(id_or_path, err) from err
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_config_hash(vae) -> str:
+def load_vae_config(id_or_path: str) -> dict:
+    """The VAE's config.json alone (no weights): what the driver needs to plan a precompute."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return dict(AutoencoderKL.load_config(id_or_path))
+    except (OSError, ValueError) as err:
+        raise _not_found(id_or_path, err) from err
+
+
+def vae_config_hash(config: dict) -> str:
     """A short hash of the VAE's config, stored in the manifest so latents and decoder can be matched."""
-    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def downsample_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def downsample_factor(config: dict) -> int:
+    return 2 ** (len(config.get("block_out_channels", (64,))) - 1)
 
 
 @torch.no_grad()

@@ -24,19 +24,19 @@ SETTINGS = "precompute.json"
 
 
 def _latent_geometry(vae: str | None, resolution: int, mode: str) -> dict[str, Any]:
-    """Latent shape and the VAE's identity, read once on the driver (config only for a local/hub VAE)."""
+    """Latent shape and the VAE's identity, read on the driver from the VAE's config."""
     if vae is None:
         channels = 1 if mode == "L" else 3
         return {"id": "none", "config_hash": None, "scaling_factor": None,
                 "latent_shape": [channels, resolution, resolution]}
-    from dumo_ray.vae import downsample_factor, load_vae, vae_config_hash
+    from dumo_ray.vae import downsample_factor, load_vae_config, vae_config_hash
 
-    model = load_vae(vae)
-    factor = downsample_factor(model)
+    config = load_vae_config(vae)  # config.json only: the weights load once per encoder actor
+    factor = downsample_factor(config)
     if resolution % factor:
         raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
-    return {"id": vae, "config_hash": vae_config_hash(model), "scaling_factor": model.config.scaling_factor,
-            "latent_shape": [model.config.latent_channels, resolution // factor, resolution // factor]}
+    return {"id": vae, "config_hash": vae_config_hash(config), "scaling_factor": config.get("scaling_factor", 0.18215),
+            "latent_shape": [config.get("latent_channels", 4), resolution // factor, resolution // factor]}
 
 
 def _check_settings(output: Path, settings: dict[str, Any]) -> None:
