@@ -68,7 +68,7 @@ def main() -> None:
                 cfg = load_config(ROOT / "configs/quickstart.yaml", common + [
                     f"data.path={tmp / 'latents'}", f"train.storage_path={tmp / 'runs'}", f"train.name=ray{workers}",
                     f"distributed.num_workers={workers}", f"distributed.cpus_per_worker={cpus // workers}",
-                    f"tracking.uri={uri}", "train.eval_digits=false"])
+                    f"tracking.uri={uri}", "eval.features=none"])
                 start = time.perf_counter()
                 fit(cfg)
                 wall = time.perf_counter() - start

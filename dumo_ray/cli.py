@@ -24,16 +24,43 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
-    sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights")
-    sample.add_argument("--checkpoint", required=True, help="checkpoint directory or its state.pt")
+    sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights (a grid, or K images on Ray)")
+    sample.add_argument("--checkpoint", required=True, help="EMA export folder, checkpoint directory or its state.pt")
     sample.add_argument("--steps", type=int, default=1, help="1, 2 or N sampling steps (default 1)")
     sample.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
-    sample.add_argument("--labels", type=_labels, default=None, help="class labels to cycle through, e.g. 3,7")
+    sample.add_argument("--labels", type=_labels, default=None,
+                        help="class labels to cycle through, e.g. 3,7 (default: all classes, class-balanced)")
     sample.add_argument("--method", choices=["u", "euler"], default=None,
                         help="u: flow-map jumps (default); euler: Euler steps of the velocity head")
     sample.add_argument("--mid", type=float, default=0.5, help="intermediate time of the 2-step sampler")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", required=True, help="a .png grid, or .npz with images (uint8 NHWC) and labels")
+    sample.add_argument("--vae", default=None, help="decode with this VAE (hub id or local dir) instead of the manifest's")
+    sample.add_argument("--chunk", type=int, default=64,
+                        help="network batch (default 64); images are identical for a given chunk, whatever the split")
+    where = sample.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="one process: a .png grid, or an ADM sample batch .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    where.add_argument("--output-dir", help="mass sampling on Ray Data actors into this folder (images/ PNGs, samples.npz)")
+    sample.add_argument("--format", default="png,npz", help="with --output-dir: png, npz or png,npz (default both)")
+    sample.add_argument("--workers", type=int, default=None, help="sampler actors (default: one per GPU, else 1)")
+    sample.add_argument("--batch-size", type=int, default=256, help="indices per actor call (default 256)")
+    sample.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+    evaluate = commands.add_parser("evaluate", help="FID / FD, Inception Score and class accuracy of a sample set")
+    evaluate.add_argument("--samples", required=True, help="ADM sample batch .npz, or a folder of PNG/JPEG images")
+    evaluate.add_argument("--reference", default=None,
+                          help="ADM reference batch .npz (mu, sigma), an image .npz/folder, or a latent folder "
+                               "(decoded through its VAE); default for digits: the real digits")
+    evaluate.add_argument("--features", choices=["inception", "digits"], default="inception",
+                          help="inception: FID + IS (needs the weights file); digits: FD-digits + class accuracy")
+    evaluate.add_argument("--inception-weights", default=None,
+                          help="local Inception-v3 weights file (default: $DUMO_INCEPTION_WEIGHTS)")
+    evaluate.add_argument("--save-reference", default=None, help="also write the reference's mu/sigma to this .npz")
+    evaluate.add_argument("--vae", default=None, help="VAE for a latent-folder reference (default: the manifest's)")
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N images of each set")
+    evaluate.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda")
+    evaluate.add_argument("--json", default=None, help="write the results to this file as well")
+
     pre = commands.add_parser("precompute", help="images -> VAE latents -> Parquet shards (Ray Data)")
     pre.add_argument("--input", required=True, help="image tree root/<class>/<image>")
     pre.add_argument("--output", required=True, help="folder for the shards and manifest.json")
@@ -79,13 +106,44 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 print(f"[dumo-ray] run finished: {result.path}")
         elif args.command == "sample":
-            from dumo_ray.sampling import sample_to_file
+            if args.num < 1 or args.steps < 1 or args.chunk < 1:
+                raise ValueError("--num, --steps and --chunk must be >= 1")
+            common = dict(steps=args.steps, num=args.num, labels=args.labels, method=args.method, seed=args.seed,
+                          mid=args.mid, chunk=args.chunk, vae=args.vae)
+            if args.out:
+                from dumo_ray.sampling import sample_to_file
 
-            if args.num < 1 or args.steps < 1:
-                raise ValueError("--num and --steps must be >= 1")
-            path = sample_to_file(args.checkpoint, args.out, steps=args.steps, num=args.num, labels=args.labels,
-                                  method=args.method, seed=args.seed, mid=args.mid)
-            print(f"[dumo-ray] wrote {path}")
+                print(f"[dumo-ray] wrote {sample_to_file(args.checkpoint, args.out, **common)}")
+            else:
+                import ray
+
+                from pipelines.sample_images import sample_images
+
+                formats = [f.strip() for f in args.format.split(",") if f.strip()]
+                ray.init(address=args.address, ignore_reinit_error=True)
+                try:
+                    summary = sample_images(args.checkpoint, args.output_dir, workers=args.workers,
+                                            batch_size=args.batch_size, formats=formats, **common)
+                finally:
+                    ray.shutdown()
+                print(f"[dumo-ray] {summary['images']:,} images in {summary['seconds']} s -> {args.output_dir}")
+        elif args.command == "evaluate":
+            import json
+
+            import torch
+
+            from dumo_ray.eval.evaluate import evaluate_files
+
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            results = evaluate_files(args.samples, args.reference, features=args.features,
+                                     inception_weights=args.inception_weights, batch_size=args.batch_size,
+                                     device=device, limit=args.limit, save_reference_to=args.save_reference, vae=args.vae)
+            text = json.dumps(results, indent=2)
+            print(text)
+            if args.json:
+                from pathlib import Path
+
+                Path(args.json).write_text(text + "\n")
         elif args.command == "precompute":
             import ray
 

@@ -229,12 +229,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     sample_steps: list[int] = field(default_factory=lambda: [1, 2])
     sample_mid_time: float = 0.5
-    num_sample_images: int = 100
+    num_sample_images: int = 100  # images in each sample grid (at most a 10 x 10 grid is drawn)
     # Fault-tolerance drills: the first time a run reaches this many images, one worker raises
     # (0 = never). A marker file in the run directory keeps the restarted run from failing again.
     fail_once_at_images: int = 0
-    # Digits demo: score the final EMA samples (class accuracy, FD-digits) and log them.
-    eval_digits: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"train.name must be a plain name, got {self.name!r}")
@@ -250,6 +248,33 @@ class TrainConfig:
         _positive("train", "num_sample_images", self.num_sample_images)
 
 
+INCEPTION_WEIGHTS_ENV = "DUMO_INCEPTION_WEIGHTS"
+
+
+@dataclass
+class EvalConfig:
+    """In-training evaluation: the EMA weights sample a fixed, class-balanced set (per-index seeds and
+    labels, the same at every evaluation and whatever the number of workers), and the Frechet distance to
+    the reference (plus class accuracy for the digits, Inception Score for Inception features) is logged
+    to MLflow and reported to Ray Train (`fd_1step`, `fd_2step`, ...), so sweeps can rank on it."""
+
+    every_images: int = 0  # 0: evaluate only at the end; otherwise a multiple of train.log_every_images
+    num_images: int = 1000  # size of the fixed evaluation set (shared out over the workers)
+    steps: list[int] = field(default_factory=lambda: [1, 2])
+    # auto: digits for digits data, inception when eval.reference is set, otherwise none.
+    features: str = "auto"  # auto | digits | inception | none
+    reference: str = ""  # ADM-style reference .npz (mu, sigma) for inception features
+    inception_weights: str = ""  # local Inception-v3 weights file; "" reads $DUMO_INCEPTION_WEIGHTS
+    chunk: int = 64  # network batch while sampling (fixed, so results do not depend on how work is split)
+
+    def __post_init__(self) -> None:
+        _check(self.every_images >= 0, f"eval.every_images must be >= 0, got {self.every_images}")
+        _positive("eval", "num_images", self.num_images)
+        _check(bool(self.steps) and all(s > 0 for s in self.steps), f"eval.steps must be positive, got {self.steps}")
+        _choice("eval", "features", self.features, ("auto", "digits", "inception", "none"))
+        _positive("eval", "chunk", self.chunk)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -259,6 +284,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> str:
@@ -356,11 +382,32 @@ def check_consistency(cfg: Config) -> None:
                           "or write the digits as a latent folder (dumo-ray digits-tree + precompute) and use data.source=latents")
     if cfg.distributed.launcher == "local" and cfg.data.source != "digits":
         raise ConfigError("distributed.launcher 'local' trains on data.source 'digits' only; latents train through Ray")
+    every = cfg.eval.every_images
+    _check(every % cfg.train.log_every_images == 0,
+           f"eval.every_images ({every}) must be a multiple of train.log_every_images ({cfg.train.log_every_images}): "
+           "evaluations are reported with the status line")
+    if cfg.eval.features == "inception":
+        _check(bool(cfg.eval.reference), "eval.features 'inception' needs eval.reference: an ADM-style reference .npz "
+               "(mu, sigma), e.g. VIRTUAL_imagenet256_labeled.npz, or one written by `dumo-ray evaluate --save-reference`")
     if cfg.data.source == "digits":
         m = cfg.model
         _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
                "data.source 'digits' is 8x8 pixels, 1 channel, 10 classes: set model.input_size=8, "
                f"model.in_channels=1, model.num_classes=10 (got {m.input_size}, {m.in_channels}, {m.num_classes})")
+    if resolved_eval_features(cfg) == "digits":
+        m = cfg.model
+        _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
+               "eval.features 'digits' judges 8x8 one-channel images of 10 classes (pixel-space digits); "
+               f"this model makes {m.input_size}x{m.input_size}x{m.in_channels} of {m.num_classes} classes")
+
+
+def resolved_eval_features(cfg: Config) -> str:
+    """eval.features with `auto` resolved: digits for the digits data, inception when a reference is set."""
+    if cfg.eval.features != "auto":
+        return cfg.eval.features
+    if cfg.data.source == "digits":
+        return "digits"
+    return "inception" if cfg.eval.reference else "none"
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

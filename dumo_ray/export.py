@@ -39,9 +39,15 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / WEIGHTS).is_file()
 
 
+def load_export_info(path: str | Path) -> tuple[Config, dict[str, Any] | None]:
+    """The config and latent statistics of an export, without the weights."""
+    path = Path(path)
+    latents = json.loads((path / LATENTS).read_text()) if (path / LATENTS).is_file() else None
+    return load_config(path / CONFIG), latents
+
+
 def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any] | None]:
     from safetensors.torch import load_file
 
-    path = Path(path)
-    latents = json.loads((path / LATENTS).read_text()) if (path / LATENTS).is_file() else None
-    return load_file(path / WEIGHTS), load_config(path / CONFIG), latents
+    cfg, latents = load_export_info(path)
+    return load_file(Path(path) / WEIGHTS), cfg, latents

@@ -1,4 +1,6 @@
-"""Sampling from a saved checkpoint: load the EMA weights, draw, write a PNG grid or an `.npz`."""
+"""Sampling from a saved model: load the EMA weights, draw class-conditional samples from per-index
+seeds, write a PNG grid or an ADM-style `.npz`. Mass sampling over Ray actors is
+`pipelines/sample_images.py`; both draw image i the same way (`sample_plan`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +11,16 @@ import torch
 
 from dumo_ray.config import Config, config_from_dict
 from dumo_ray.eval.grids import save_grid
-from dumo_ray.export import is_export, load_export
-from dumo_ray.flow.sampler import default_method_and_head, sample
+from dumo_ray.eval.image_sets import SampleBatchWriter
+from dumo_ray.eval.pixels import to_uint8
+from dumo_ray.export import is_export, load_export, load_export_info
+from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks
 from dumo_ray.seeding import derive_seed
 from dumo_ray.train.checkpoint import load_state
 from dumo_ray.train.loop import build_model_from_config
 from dumo_ray.vae import LatentDecoder
+
+DEFAULT_CHUNK = 64
 
 
 def load_ema_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict | None]:
@@ -30,29 +36,59 @@ def load_ema_model(checkpoint: str | Path, device: str | torch.device = "cpu") -
     return model.to(device).eval(), cfg, latent_info
 
 
-def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def load_model_info(checkpoint: str | Path) -> tuple[Config, dict | None]:
+    """The config and latent info of a checkpoint without building the model."""
+    if is_export(checkpoint):
+        return load_export_info(checkpoint)
+    state = load_state(checkpoint, map_location="cpu")
+    return config_from_dict(state["config"]), None
+
+
+def check_labels(labels: Sequence[int] | None, num_classes: int) -> list[int]:
+    """The classes to cycle through: the given labels (checked) or all classes (class-balanced)."""
+    classes = list(labels) if labels else list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"labels must be in [0, {num_classes - 1}], got {bad}")
+    return classes
+
+
+def sample_plan(indices: Sequence[int], classes: Sequence[int], seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Image i: label classes[i mod len(classes)], noise seed derived from (seed, "sample", i)."""
+    labels = torch.tensor([classes[int(i) % len(classes)] for i in indices], dtype=torch.long)
+    return labels, [derive_seed(seed, "sample", int(i)) for i in indices]
+
+
+def make_decoder(latent_info: dict | None, vae: str | None, device: str | torch.device) -> LatentDecoder | None:
+    """Latent models decode through the manifest's VAE (or `vae`, e.g. a local copy); pixel models need none."""
+    if latent_info is None:
+        return None
+    return LatentDecoder.from_info({**latent_info, "vae": vae or latent_info["vae"]}, device)
+
+
+def draw(model: torch.nn.Module, cfg: Config, decode: LatentDecoder | None, indices: Sequence[int], classes: Sequence[int],
+         *, steps: int, method: str | None, seed: int, mid: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], labels) for the given sample indices."""
+    default_method, head = default_method_and_head(cfg.objective.name)
+    labels, seeds = sample_plan(indices, classes, seed)
+    images = sample_in_chunks(model, labels, seeds, chunk=chunk, steps=steps, method=method or default_method,
+                              mid=mid, head=head)
+    return (decode(images) if decode is not None else images), labels
 
 
 def sample_to_file(checkpoint: str | Path, out: str | Path, *, steps: int, num: int, labels: Sequence[int] | None = None,
-                   method: str | None = None, seed: int = 0, mid: float = 0.5, device: str = "cpu") -> Path:
+                   method: str | None = None, seed: int = 0, mid: float = 0.5, device: str = "cpu",
+                   vae: str | None = None, chunk: int = DEFAULT_CHUNK) -> Path:
+    """One process: a PNG grid, or an ADM sample batch (`arr_0` uint8 NHWC, `arr_1` labels) for `.npz`."""
     model, cfg, latent_info = load_ema_model(checkpoint, device)
-    decode = LatentDecoder.from_info(latent_info, device) if latent_info is not None else None
-    classes = list(labels) if labels else list(range(cfg.model.num_classes))
-    bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
-    if bad:
-        raise ValueError(f"labels must be in [0, {cfg.model.num_classes - 1}], got {bad}")
-    chosen = torch.tensor([classes[i % len(classes)] for i in range(num)])
-    seeds = [derive_seed(seed, "sample", i) for i in range(num)]
-    default_method, head = default_method_and_head(cfg.objective.name)
-    method = method or default_method
-    images = sample(model, chosen, seeds, steps=steps, method=method, mid=mid, head=head)
-    if decode is not None:
-        images = decode(images)
+    classes = check_labels(labels, cfg.model.num_classes)
+    images, chosen = draw(model, cfg, make_decoder(latent_info, vae, device), range(num), classes,
+                          steps=steps, method=method, seed=seed, mid=mid, chunk=chunk)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
-        np.savez(out, images=to_uint8_images(images), labels=chosen.numpy())
-        return out
+        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        writer = SampleBatchWriter(out, num, pixels.shape[1:])
+        writer.write(np.arange(num), pixels, chosen.numpy())
+        return writer.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
     return save_grid(images, out, nrow=min(len(classes), 10), upscale=4 if cfg.model.input_size <= 16 else 1)

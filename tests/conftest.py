@@ -23,3 +23,17 @@ def micro_model():
 @pytest.fixture
 def random_micro_model(micro_model):
     return randomize(micro_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A real AutoencoderKL (random weights, 2 blocks: downsampling 2) saved and loaded the way users do."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=32, sample_size=16)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return str(path)

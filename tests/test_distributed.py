@@ -41,7 +41,7 @@ def tiny_config(latents, tmp_path, name, *extra):
         f"data.path={latents}", "model.preset=DuMo-Micro/2", "optim.batch_size=32", "optim.lr=3e-3",
         "train.total_images=640", "train.log_every_images=128", "train.checkpoint_every_images=320",
         "train.num_sample_images=20", f"train.storage_path={tmp_path / 'runs'}", f"train.name={name}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.eval_digits=false", *extra])
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.features=none", *extra])
 
 
 def history(tracking_uri, run_id, key):
@@ -76,7 +76,7 @@ def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path)
     weights = load_file(export / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert main(["sample", "--checkpoint", str(export), "--steps", "2", "--num", "8", "--out", str(tmp_path / "s.npz")]) == 0
-    assert np.load(tmp_path / "s.npz")["images"].shape == (8, 8, 8, 1)
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (8, 8, 8, 1)
 
 
 def test_zero3_trains_the_dumo_objective_and_checkpoints(digits_latents, tmp_path, capfd):

@@ -16,7 +16,8 @@ def run_train(out, total, extra=()):
     args = ["train", "--config", str(ROOT / "configs/digits_local.yaml"),
             "--set", "model.preset=DuMo-Micro/2", "--set", "optim.batch_size=32", "--set", f"train.total_images={total}",
             "--set", "train.log_every_images=64", "--set", "train.checkpoint_every_images=128",
-            "--set", "train.num_sample_images=20", "--set", f"train.storage_path={out.parent}", "--set", f"train.name={out.name}", *extra]
+            "--set", "train.num_sample_images=20", "--set", "eval.num_images=100", "--set", "eval.every_images=128",
+            "--set", f"train.storage_path={out.parent}", "--set", f"train.name={out.name}", *extra]
     assert main(args) == 0
 
 
@@ -32,6 +33,12 @@ def test_train_checkpoint_resume_and_sample(tmp_path, capsys):
         assert grid.width > 8 * 10
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_1step"] <= 1.0 and summary["fd_1step"] > 0
+    # In-training evaluation every 128 images (FD-digits + accuracy at 1 and 2 steps); the last is the summary's.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "fd_2step" in r]
+    assert [r["images"] for r in evals] == [128, 256]
+    assert {k: evals[-1][k] for k in summary if k in evals[-1] and k != "images"} == {
+        k: summary[k] for k in ("fd_1step", "accuracy_1step", "fd_2step", "accuracy_2step")}
     assert "images 256" in capsys.readouterr().out
 
     # Rerunning with a larger budget resumes at image 256 and continues to 384.
@@ -52,8 +59,8 @@ def test_train_checkpoint_resume_and_sample(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(ckpt), "--steps", "2", "--num", "12", "--labels", "3,7",
                  "--out", str(tmp_path / "s.npz")]) == 0
     saved = np.load(tmp_path / "s.npz")
-    assert saved["images"].shape == (12, 8, 8, 1) and saved["images"].dtype == np.uint8
-    assert saved["labels"].tolist() == [3, 7] * 6
+    assert saved["arr_0"].shape == (12, 8, 8, 1) and saved["arr_0"].dtype == np.uint8
+    assert saved["arr_1"].tolist() == [3, 7] * 6
     assert main(["sample", "--checkpoint", str(ckpt), "--steps", "1", "--num", "10", "--out", str(tmp_path / "g.png")]) == 0
     assert Image.open(tmp_path / "g.png").width > 0
 

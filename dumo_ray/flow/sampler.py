@@ -112,3 +112,24 @@ def sample(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int], *, step
         renoise_seeds = [derive_seed(s, "renoise") for s in seeds]  # fresh noise, still per sample
         return two_step(model, x1, y, mid=mid, renoise=renoise, renoise_seeds=renoise_seeds, **kw)
     return chained_jumps(model, x1, y, steps, **kw)
+
+
+@torch.no_grad()
+def sample_in_chunks(model: nn.Module, labels: torch.Tensor, seeds: Sequence[int], *, chunk: int, **kw) -> torch.Tensor:
+    """`sample` with the network always run on exactly `chunk` samples (the last chunk padded, the padding
+    dropped). Matrix kernels choose their summation order by batch shape, so a sample drawn in different
+    batches differs in the last bits; one fixed shape makes each sample bit-identical however the work is
+    split over batches and workers."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(labels):
+        raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
+    pieces = []
+    for start in range(0, len(seeds), chunk):
+        part_labels, part_seeds = labels[start:start + chunk], seeds[start:start + chunk]
+        real = len(part_seeds)
+        if real < chunk:
+            part_labels = torch.cat([part_labels, torch.zeros(chunk - real, dtype=torch.long)])
+            part_seeds = part_seeds + [0] * (chunk - real)
+        pieces.append(sample(model, part_labels, part_seeds, **kw)[:real])
+    return torch.cat(pieces)

@@ -11,6 +11,7 @@ from typing import Any
 
 from dumo_ray.config import Config, ConfigError, save_config
 from dumo_ray.data.loader import latent_dataset, normalization
+from dumo_ray.eval.in_training import check_eval_inputs
 
 
 def storage_uri(path: str) -> str:
@@ -50,6 +51,7 @@ def fit(cfg: Config):
     from dumo_ray.train.worker import train_loop_per_worker
 
     cfg = absolute_paths(cfg)
+    check_eval_inputs(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.distributed.address)
     # Our status lines are the progress output; Ray Data's per-epoch bars would bury them.

@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from dumo_ray.config import Config, save_config
+from dumo_ray.eval.in_training import TrainingEvaluator, check_eval_inputs, format_scores
 from dumo_ray.data.batches import epoch_batches
-from dumo_ray.data.digits import load_digits_tensors, to_pixels
+from dumo_ray.data.digits import load_digits_tensors
 from dumo_ray.eval.grids import save_grid
 from dumo_ray.flow import build_objective
 from dumo_ray.flow.sampler import default_method_and_head, sample
@@ -105,8 +106,7 @@ class StatusLine:
 
 
 def sample_for_grid(model: nn.Module, cfg: Config, steps: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n class-balanced samples from fixed per-index seeds (the same images at every checkpoint,
-    and the grid's images are the first of the scored ones)."""
+    """The first n class-balanced samples from fixed per-index seeds (the same images at every checkpoint)."""
     labels = torch.arange(n) % cfg.model.num_classes
     seeds = [derive_seed(cfg.train.seed, "grid", i) for i in range(n)]
     method, head = default_method_and_head(cfg.objective.name)
@@ -114,7 +114,7 @@ def sample_for_grid(model: nn.Module, cfg: Config, steps: int, n: int) -> tuple[
     return images, labels
 
 
-GRID_IMAGES = 100  # a 10 x 10 grid; scoring uses all train.num_sample_images
+GRID_IMAGES = 100  # at most a 10 x 10 grid
 
 
 def write_sample_grids(model: nn.Module, cfg: Config, directory: Path, tag: str,
@@ -132,20 +132,11 @@ def write_sample_grids(model: nn.Module, cfg: Config, directory: Path, tag: str,
     return paths
 
 
-def score_digits(model: nn.Module, cfg: Config, decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """Class accuracy and FD-digits of the grid samples (train.num_sample_images, class-balanced, fixed
-    seeds) at each configured step count."""
-    from dumo_ray.eval.digits import DigitsJudge
-
-    judge = DigitsJudge()
-    scores = {}
-    for steps in cfg.train.sample_steps:
-        images, labels = sample_for_grid(model, cfg, steps, cfg.train.num_sample_images)
-        if decode is not None:
-            images = decode(images)
-        s = judge.score(to_pixels(images), labels.numpy())
-        scores[f"accuracy_{steps}step"], scores[f"fd_{steps}step"] = s.accuracy, s.fd
-    return scores
+def evaluation_due(cfg: Config, images: int) -> bool:
+    """At every eval.every_images (a multiple of the log interval) and at the end of training."""
+    every = cfg.eval.every_images
+    due = bool(every) and images % round_to_batch(every, cfg.optim.batch_size) == 0
+    return due or images >= cfg.train.total_images
 
 
 @dataclass
@@ -207,6 +198,7 @@ def run_steps(
 def train_single_process(cfg: Config) -> dict[str, Any]:
     """Trains on the bundled digits in this process; writes checkpoints, sample grids, metrics.jsonl and
     (for digits) a summary with class accuracy and FD at each sample step count."""
+    check_eval_inputs(cfg)
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -239,10 +231,19 @@ def train_single_process(cfg: Config) -> dict[str, Any]:
                  "step": p.step, "images": p.images, "config": cfg.to_dict()}
         save_checkpoint(out, p.images, state, keep=cfg.train.keep_checkpoints)
 
+    evaluate = TrainingEvaluator(cfg, device=device)
+    evaluations: dict[int, dict[str, float]] = {}
+
     def on_log(row: dict[str, float]) -> None:
+        images = int(row["images"])
         every = cfg.train.sample_every_images
-        if every and row["images"] % round_to_batch(every, cfg.optim.batch_size) == 0:
-            write_sample_grids(ema.module, cfg, out / "samples", f"images_{int(row['images']):012d}")
+        if every and images % round_to_batch(every, cfg.optim.batch_size) == 0:
+            write_sample_grids(ema.module, cfg, out / "samples", f"images_{images:012d}")
+        if evaluate.enabled and evaluation_due(cfg, images):
+            evaluations[images] = evaluate(ema.module)
+            print(f"[dumo-ray] eval at image {images:,}: {format_scores(evaluations[images])}", flush=True)
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"images": images, **evaluations[images]}) + "\n")
 
     started = time.perf_counter()
     run_steps(cfg=cfg, model=model, objective=objective, stepper=LocalStepper(model, optimizer, cfg.optim.grad_clip),
@@ -253,8 +254,8 @@ def train_single_process(cfg: Config) -> dict[str, Any]:
     grids = write_sample_grids(ema.module, cfg, out / "samples", "final")
     summary: dict[str, Any] = {"images": progress.images, "steps": progress.step, "train_seconds": round(elapsed, 1),
                                "checkpoint": str(latest_checkpoint(out)), "grids": {k: str(v) for k, v in grids.items()}}
-    if cfg.data.source == "digits":
-        summary.update(score_digits(ema.module, cfg))
+    if evaluate.enabled:
+        summary.update(evaluations.get(progress.images) or evaluate(ema.module))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("[dumo-ray] done: " + json.dumps(summary), flush=True)
     return summary

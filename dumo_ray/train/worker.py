@@ -20,6 +20,7 @@ import torch
 
 from dumo_ray.config import config_from_dict
 from dumo_ray.data.loader import LatentBatches
+from dumo_ray.eval.in_training import TrainingEvaluator, format_scores
 from dumo_ray.export import export_ema
 from dumo_ray.flow import build_objective
 from dumo_ray.models import count_parameters
@@ -27,7 +28,7 @@ from dumo_ray.train.deepspeed_engine import (DeepSpeedStepper, deepspeed_config,
                                              max_rank_difference, parameter_fingerprint)
 from dumo_ray.train.ema import EMA
 from dumo_ray.train.loop import (Progress, StatusLine, build_model_from_config, build_optimizer,
-                                 resolve_precision, round_to_batch, run_steps, score_digits, write_sample_grids)
+                                 evaluation_due, resolve_precision, round_to_batch, run_steps, write_sample_grids)
 from dumo_ray.vae import LatentDecoder
 
 DS_TAG = "deepspeed"
@@ -103,7 +104,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from dumo_ray.tracking import MlflowRun
 
         tracker = MlflowRun(cfg, mlflow_run_id)
-    decoder = LatentDecoder.from_info(latent_info, device) if rank == 0 else None
+    decoder = LatentDecoder.from_info(latent_info, device)  # the VAE loads on first use (grids: rank 0; eval: all)
+    evaluate = TrainingEvaluator(cfg, decode=decoder, device=device, rank=rank, world=world)
+    latest_eval: dict[str, float] = {}  # repeated in every report, so a scheduler always sees the metric
     run_dir = Path(cfg.run_dir)
     grid_dir = Path(tempfile.mkdtemp(prefix="dumo-grids-"))
 
@@ -118,13 +121,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ema.update(module, step)
 
     def on_log(row: dict[str, float]) -> None:
+        images = int(row["images"])
         metrics = {k: v for k, v in row.items() if k != "images"}
+        if evaluate.enabled and evaluation_due(cfg, images):
+            scores = evaluate(ema.module)  # every rank samples its share; rank 0 scores
+            if rank == 0:
+                latest_eval.update(scores)
+                metrics.update(scores)
+                log(rank, f"eval at image {images:,}: {format_scores(scores)}")
         if tracker is not None:
-            tracker.log_metrics(metrics, int(row["images"]))
+            tracker.log_metrics(metrics, images)
         every = cfg.train.sample_every_images
-        if rank == 0 and every and int(row["images"]) % round_to_batch(every, cfg.optim.batch_size) == 0:
-            sample_grids(f"images_{int(row['images']):012d}")
-        ray.train.report({**row, "step": progress.step})
+        if rank == 0 and every and images % round_to_batch(every, cfg.optim.batch_size) == 0:
+            sample_grids(f"images_{images:012d}")
+        ray.train.report({**row, **latest_eval, "step": progress.step})
 
     def on_checkpoint(p: Progress) -> None:
         with full_parameters(engine, cfg.distributed.zero_stage) as module:
@@ -135,7 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, Path(directory) / EMA_FILE)
                 state = {"step": p.step, "images": p.images, "mlflow_run_id": tracker.run_id if tracker else None}
                 (Path(directory) / STATE_FILE).write_text(json.dumps(state))
-            metrics = {"images": p.images, "step": p.step, "rank_param_max_diff": difference}
+            metrics = {"images": p.images, "step": p.step, "rank_param_max_diff": difference, **latest_eval}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         log(rank, f"checkpoint at image {p.images:,} (ranks' parameters differ by at most {difference:.3g})")
 
@@ -163,11 +173,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             export = write_export(cfg.run_dir, ema.state_dict(), cfg, latent_info)
             if tracker is not None and "://" not in export:
                 tracker.log_artifacts(export, "ema_export")
-            if cfg.train.eval_digits:
-                scores = score_digits(ema.module, cfg, decode=decoder)
-                log(rank, "digits: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-                if tracker is not None:
-                    tracker.log_metrics(scores, progress.images)
             log(rank, f"done at image {progress.images:,}; EMA export: {export}")
     except BaseException:
         if tracker is not None:
