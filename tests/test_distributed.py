@@ -51,10 +51,13 @@ def history(tracking_uri, run_id, key):
 
 
 def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path):
-    cfg = tiny_config(digits_latents, tmp_path, "zero2")
+    cfg = tiny_config(digits_latents, tmp_path, "zero2", "eval.features=digits", "eval.every_images=256",
+                      "eval.num_images=100", "eval.chunk=16")
     result = fit(cfg)
     assert result.error is None
     assert result.metrics["images"] == 640 and result.metrics["rank_param_max_diff"] == 0.0  # ranks identical
+    # In-training evaluation reaches Ray Train's results (what a Tune scheduler reads).
+    assert result.metrics["fd_1step"] > 0 and 0 <= result.metrics["accuracy_2step"] <= 1
 
     with result.checkpoint.as_directory() as d:
         files = {p.name for p in Path(d).rglob("*") if p.is_file()}
@@ -70,6 +73,10 @@ def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path)
     mse = history(cfg.tracking.uri, run_id, "mse_v")
     assert len(mse) == 5 and mse[-1] < 0.85 * mse[0]  # the loss falls
     assert "samples/final_1step.png" in summary["artifacts"] and "ema_export/model.safetensors" in summary["artifacts"]
+    # FD-digits and class accuracy at 1 and 2 steps over training: at images 256, 512 and the end (640).
+    for key in ("fd_1step", "fd_2step", "accuracy_1step", "accuracy_2step"):
+        assert len(history(cfg.tracking.uri, run_id, key)) == 3
+    assert history(cfg.tracking.uri, run_id, "fd_2step")[-1] == result.metrics["fd_2step"]
 
     # The consolidated EMA export loads without DeepSpeed and samples through the CLI.
     export = Path(cfg.run_dir) / "export"
@@ -77,6 +84,14 @@ def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path)
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert main(["sample", "--checkpoint", str(export), "--steps", "2", "--num", "8", "--out", str(tmp_path / "s.npz")]) == 0
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (8, 8, 8, 1)
+
+    # The two workers' shared-out evaluation equals one process evaluating the same EMA weights.
+    from dumo_ray.eval.in_training import TrainingEvaluator
+    from dumo_ray.sampling import load_ema_model, make_decoder
+
+    model, exported_cfg, info = load_ema_model(export)
+    alone = TrainingEvaluator(exported_cfg, decode=make_decoder(info, None, "cpu"))(model)
+    assert alone == {k: result.metrics[k] for k in alone}
 
 
 def test_zero3_trains_the_dumo_objective_and_checkpoints(digits_latents, tmp_path, capfd):
