@@ -24,6 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
+    tune = commands.add_parser("tune", help="a Ray Tune sweep: one full training run per trial, ranked by eval FD")
+    tune.add_argument("--config", required=True, help="the base config every trial starts from")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a base config value (repeatable)")
+    tune.add_argument("--space", required=True,
+                      help="search space: loss_weighting, time_sampling, objective (tune/spaces/) or a .yaml path")
+    tune.add_argument("--num-samples", type=int, default=8, help="trials to sample (with grid: repeats of the grid)")
+    tune.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                      help="asha stops weak trials early at its rungs (default); fifo runs every trial to the end")
+    tune.add_argument("--search", choices=["random", "grid", "optuna"], default="random")
+    tune.add_argument("--max-concurrent", type=int, default=None,
+                      help="trials at once (default: what the cluster's GPUs/CPUs fit for the per-trial workers)")
+    tune.add_argument("--metric", default="fd_1step", help="the reported metric to minimise (default fd_1step)")
+    tune.add_argument("--name", default=None, help="sweep name (default <train.name>-<space>); rerun to resume")
+    tune.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
     sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights (a grid, or K images on Ray)")
     sample.add_argument("--checkpoint", required=True, help="EMA export folder, checkpoint directory or its state.pt")
     sample.add_argument("--steps", type=int, default=1, help="1, 2 or N sampling steps (default 1)")
@@ -105,6 +121,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"dumo-ray train: error: the run failed: {result.error}", file=sys.stderr)
                     return 1
                 print(f"[dumo-ray] run finished: {result.path}")
+        elif args.command == "tune":
+            from tune.sweep import sweep
+
+            cfg = load_config(args.config, args.overrides)
+            if args.address:
+                cfg.distributed.address = args.address
+            if args.num_samples < 1:
+                raise ValueError("--num-samples must be >= 1")
+            result = sweep(cfg, args.space, num_samples=args.num_samples, scheduler=args.scheduler, search=args.search,
+                           max_concurrent=args.max_concurrent, metric=args.metric, name=args.name)
+            if result["best_config"] is None:
+                print("dumo-ray tune: error: no trial finished with the metric", file=sys.stderr)
+                return 1
+            print(f"[dumo-ray] sweep done; train the best with: dumo-ray train --config {result['best_config']}")
         elif args.command == "sample":
             if args.num < 1 or args.steps < 1 or args.chunk < 1:
                 raise ValueError("--num, --steps and --chunk must be >= 1")

@@ -185,6 +185,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "dumo-ray"
+    parent_run_id: Optional[str] = None  # set by `dumo-ray tune`: the trial's run is a child of the sweep's run
 
     def __post_init__(self) -> None:
         _check(not self.uri.startswith("file:") and not self.uri.startswith("/"),

@@ -19,7 +19,8 @@ class MlflowRun:
         if run_id is not None:
             self.run = mlflow.start_run(run_id=run_id)
         else:
-            self.run = mlflow.start_run(run_name=cfg.train.name, experiment_id=experiment.experiment_id)
+            tags = {"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else None
+            self.run = mlflow.start_run(run_name=cfg.train.name, experiment_id=experiment.experiment_id, tags=tags)
             params = {k: (v if v is not None else "null") for k, v in cfg.flat().items()}
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         self.run_id = self.run.info.run_id

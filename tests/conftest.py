@@ -37,3 +37,15 @@ def tiny_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits_latents(local_ray, tmp_path_factory):
+    """The digits written as PNG files and precomputed in pixel space (--vae none) on the module's Ray."""
+    from dumo_ray.data.digits import write_digits_tree
+    from pipelines.precompute_latents import precompute_latents
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_tree(root / "tree", limit=400)
+    precompute_latents(str(root / "tree"), str(root / "latents"), vae=None, resolution=8, mode="L", shard_size=200)
+    return root / "latents"

@@ -25,17 +25,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def digits_latents(local_ray, tmp_path_factory):
-    from dumo_ray.data.digits import write_digits_tree
-    from pipelines.precompute_latents import precompute_latents
-
-    root = tmp_path_factory.mktemp("digits")
-    write_digits_tree(root / "tree", limit=400)
-    precompute_latents(str(root / "tree"), str(root / "latents"), vae=None, resolution=8, mode="L", shard_size=200)
-    return root / "latents"
-
-
 def tiny_config(latents, tmp_path, name, *extra):
     return load_config(ROOT / "configs/quickstart.yaml", [
         f"data.path={latents}", "model.preset=DuMo-Micro/2", "optim.batch_size=32", "optim.lr=3e-3",

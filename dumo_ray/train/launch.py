@@ -41,8 +41,9 @@ def check_against_manifest(cfg: Config, manifest: dict[str, Any]) -> None:
                           f"model.num_classes={manifest['num_classes']}")
 
 
-def fit(cfg: Config):
-    """Starts (or connects to) Ray, runs the trainer, returns Ray Train's Result."""
+def fit(cfg: Config, callbacks: list | None = None):
+    """Starts (or connects to) Ray, runs the trainer, returns Ray Train's Result. `callbacks`: Ray Train
+    callbacks (a sweep passes the one that forwards evaluations to Tune)."""
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -74,7 +75,7 @@ def fit(cfg: Config):
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=d.placement_strategy),
         run_config=RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path,
-                             failure_config=FailureConfig(max_failures=d.max_failures),
+                             failure_config=FailureConfig(max_failures=d.max_failures), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets={"train": ds},
         # Deterministic block order, so each worker's shard (and its seeded shuffle) repeats exactly.

@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if evaluate.enabled and evaluation_due(cfg, images):
             scores = evaluate(ema.module)  # every rank samples its share; rank 0 scores
             if rank == 0:
-                latest_eval.update(scores)
+                latest_eval.update({**scores, "eval_images": images})
                 metrics.update(scores)
                 log(rank, f"eval at image {images:,}: {format_scores(scores)}")
         if tracker is not None:

@@ -1,0 +1,77 @@
+"""A real Ray Tune sweep on CPU: 3 trials of a tiny model, each a 2-worker DeepSpeed run, ASHA stopping
+the weak ones early, MLflow parent and child runs, and a best-config YAML that `dumo-ray train` runs."""
+import os
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from dumo_ray.cli import main
+from dumo_ray.config import load_config
+from tune.sweep import load_space, sweep, tune_param_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_named_spaces_load_and_bad_ones_fail(tmp_path):
+    for name in ("loss_weighting", "time_sampling", "objective"):
+        assert load_space(name)
+    assert set(tune_param_space(load_space("objective"), "grid")) == {"objective.name"}
+    with pytest.raises(ValueError, match="--search grid needs listed values"):
+        tune_param_space(load_space("loss_weighting"), "grid")
+    (tmp_path / "bad.yaml").write_text("params:\n  optim.learning_rate: {choice: [1, 2]}\n")
+    with pytest.raises(ValueError, match="'optim.learning_rate' is not a config key"):
+        load_space(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ValueError, match="unknown search space 'nope'.*loss_weighting"):
+        load_space("nope")
+
+
+def test_asha_sweep_with_mlflow_parent_and_children(digits_latents, tmp_path):
+    # One good learning rate and two that cannot learn in 24 steps: ASHA must stop those at a rung.
+    space = tmp_path / "lr.yaml"
+    space.write_text("params:\n  optim.lr: {grid: [3.0e-3, 1.0e-7, 1.0e-7]}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(ROOT / "configs/quickstart.yaml", [
+        f"data.path={digits_latents}", "model.preset=DuMo-Micro/2", "optim.batch_size=32",
+        "train.total_images=768", "train.log_every_images=128", "train.checkpoint_every_images=768",
+        "train.num_sample_images=10", "eval.every_images=256", "eval.num_images=100", "eval.chunk=20",
+        f"train.storage_path={tmp_path / 'runs'}", "train.name=t", f"tracking.uri={uri}"])
+    result = sweep(cfg, str(space), num_samples=1, scheduler="asha", search="grid", max_concurrent=1, name="lr-sweep")
+
+    rows = {r["trial"]: r for r in result["rows"]}
+    assert len(rows) == 3
+    statuses = sorted(r["status"] for r in rows.values())
+    assert statuses.count("complete") >= 1 and statuses.count("stopped early") >= 1, result["table"]
+    best = load_config(result["best_config"])
+    assert best.optim.lr == 3e-3 and best.train.name == "lr-sweep-best"
+    assert (Path(result["dir"]) / "results.csv").is_file()
+
+    client = MlflowClient(uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.params["sweep.scheduler"] == "asha" and "best_fd_1step" in parent.data.metrics
+    assert parent.data.tags["best.optim.lr"] == "0.003"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3
+    for child in children:
+        assert child.data.params["optim.lr"] in ("0.003", "1e-07") and "fd_1step" in child.data.metrics
+    assert sorted(c.data.metrics["images"] if "images" in c.data.metrics else 0 for c in children)
+
+    # Rerunning resumes: the finished trials are kept, none runs again.
+    again = sweep(cfg, str(space), num_samples=1, scheduler="asha", search="grid", max_concurrent=1, name="lr-sweep")
+    assert {r["trial"]: r["images"] for r in again["rows"]} == {t: r["images"] for t, r in rows.items()}
+    assert again["parent_run_id"] == result["parent_run_id"]
+
+    # The best config is a config `dumo-ray train` runs as it is.
+    assert main(["train", "--config", result["best_config"], "--set", "train.total_images=64",
+                 "--set", "train.log_every_images=64", "--set", "eval.every_images=0",
+                 "--set", f"train.storage_path={tmp_path / 'best'}"]) == 0
