@@ -194,7 +194,9 @@ def sweep(cfg: Config, space_name: str, *, num_samples: int = 8, scheduler: str 
     sweep_dir = Path(cfg.train.storage_path) / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(address=cfg.distributed.address)
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner needs to release
+        # each finished trial's worker reservation (without it they linger and later trials wait forever).
+        ray.init(address=cfg.distributed.address, include_dashboard=True if cfg.distributed.address is None else None)
     max_concurrent = max_concurrent or default_max_concurrent(cfg)
     settings = {"space": space_name, "num_samples": num_samples, "scheduler": scheduler, "search": search,
                 "max_concurrent": max_concurrent, "metric": metric}
@@ -205,7 +207,9 @@ def sweep(cfg: Config, space_name: str, *, num_samples: int = 8, scheduler: str 
     base = cfg.to_dict()
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir), metric=metric, parent_run_id=parent_id),
-        {"CPU": 0})  # the driver function only waits; its Train workers hold the resources
+        # The driver function only waits on its trainer, whose workers hold the real resources; Tune refuses
+        # an empty request, so it asks for a sliver of a CPU.
+        {"CPU": 0.01})
     run_config = tune.RunConfig(name="tuner", storage_path=str(sweep_dir), verbose=0)
     tuner_path = str(sweep_dir / "tuner")
     if tune.Tuner.can_restore(tuner_path):
