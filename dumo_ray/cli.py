@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from dumo_ray.config import ConfigError, load_config
+from dumo_ray.jobs import DEFAULT_ADDRESS as DEFAULT_JOB_ADDRESS
 
 
 def _labels(text: str) -> list[int]:
@@ -39,6 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--metric", default="fd_1step", help="the reported metric to minimise (default fd_1step)")
     tune.add_argument("--name", default=None, help="sweep name (default <train.name>-<space>); rerun to resume")
     tune.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+    submit = commands.add_parser("submit", help="run a dumo-ray command as a job on a Ray cluster",
+                                 usage="dumo-ray submit [options] -- <command> [args ...]")
+    submit.add_argument("--address", default=None,
+                        help=f"job server URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_JOB_ADDRESS})")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
+    submit.add_argument("--submission-id", default=None, help="job id (default: dumo-<command>-<time>-<random>)")
+    submit.add_argument("--pip", action="store_true", help="install the package's dependencies into the job's virtualenv")
+    submit.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
+    submit.add_argument("--entrypoint-num-gpus", type=float, default=None, help="GPUs reserved for the job's driver")
+    submit.add_argument("--entrypoint-memory", type=int, default=None, help="memory (bytes) reserved for the driver")
+    submit.add_argument("--python", default="python",
+                        help="the interpreter on the cluster that has dumo-ray's dependencies (default: python)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job")
+    submit.add_argument("job_command", nargs=argparse.REMAINDER, help="the dumo-ray command to run, after --")
+
+    jobs = commands.add_parser("jobs", help="list, follow or stop jobs on a Ray cluster")
+    jobs.add_argument("action", choices=["list", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="submission id (logs, stop)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs.add_argument("--address", default=None, help=f"job server URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_JOB_ADDRESS})")
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights (a grid, or K images on Ray)")
     sample.add_argument("--checkpoint", required=True, help="EMA export folder, checkpoint directory or its state.pt")
@@ -121,6 +143,32 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"dumo-ray train: error: the run failed: {result.error}", file=sys.stderr)
                     return 1
                 print(f"[dumo-ray] run finished: {result.path}")
+        elif args.command == "submit":
+            from dumo_ray.jobs import submit
+
+            command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+            env_vars = dict(item.split("=", 1) for item in args.env if "=" in item)
+            if len(env_vars) != len(args.env):
+                raise ValueError("--env takes KEY=VALUE")
+            _, status = submit(command, address=args.address, wait=not args.no_wait, submission_id=args.submission_id,
+                               pip=args.pip, entrypoint_num_cpus=args.entrypoint_num_cpus,
+                               entrypoint_num_gpus=args.entrypoint_num_gpus, entrypoint_memory=args.entrypoint_memory,
+                               env_vars=env_vars, python=args.python)
+            return 0 if status in (None, "SUCCEEDED") else 1
+        elif args.command == "jobs":
+            from dumo_ray.jobs import job_logs, list_jobs, stop_job
+
+            if args.action != "list" and not args.job_id:
+                raise ValueError(f"jobs {args.action} needs a submission id")
+            if args.action == "list":
+                for job in list_jobs(args.address):
+                    print(f"{job['submission_id']:40s} {job['status']:10s} {job['entrypoint']}")
+            elif args.action == "logs":
+                logs = job_logs(args.job_id, args.address, follow=args.follow)
+                if logs is not None:
+                    print(logs, end="")
+            else:
+                print(f"[dumo-ray] {'stopping' if stop_job(args.job_id, args.address) else 'not running:'} {args.job_id}")
         elif args.command == "tune":
             from tune.sweep import sweep
 
@@ -206,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
             count = write_digits_tree(args.output, args.limit)
             print(f"[dumo-ray] wrote {count} PNG files under {args.output}/<digit>/")
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as err:
         print(f"dumo-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
