@@ -35,6 +35,18 @@ def test_named_spaces_load_and_bad_ones_fail(tmp_path):
         load_space("nope")
 
 
+def test_optuna_search_suggests_values_inside_the_space():
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = load_space("time_sampling")
+    searcher = OptunaSearch(seed=0)
+    assert searcher.set_search_properties("fd_1step", "min", tune_param_space(space, "optuna"))
+    for trial in ("a", "b", "c"):
+        suggested = searcher.suggest(trial)
+        assert set(suggested) == set(space)
+        assert -1.2 <= suggested["objective.time_mean"] <= 0.4 and suggested["objective.zero_fraction"] in (0.0, 0.1, 0.25)
+
+
 def test_asha_sweep_with_mlflow_parent_and_children(digits_latents, tmp_path):
     # One good learning rate and two that cannot learn in 24 steps: ASHA must stop those at a rung.
     space = tmp_path / "lr.yaml"
