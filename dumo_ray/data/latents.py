@@ -46,6 +46,15 @@ def moments_table(keys: list[str], labels: np.ndarray, flips: np.ndarray, moment
     return table.replace_schema_metadata({SHAPE_KEY: json.dumps(list(moments.shape[1:])).encode()})
 
 
+def write_shard_table(table: pa.Table, path: str | Path) -> None:
+    """Parquet with the moments column neither dictionary-encoded nor compressed: float16 latents do not
+    repeat or compress (-6% size), and decoding a dictionary-encoded column made reading ~4x slower
+    (measured 2,400 vs 10,500-14,000 rows/s a core for 2x4x32x32 moments)."""
+    small = [name for name in table.column_names if name != "moments"]
+    compression = {name: "snappy" for name in small} | {"moments": "none"}
+    pq.write_table(table, path, use_dictionary=small, compression=compression)
+
+
 def read_shard(path: str | Path) -> dict[str, Any]:
     """Plain pyarrow: {"key": list, "label": (N,), "flip": (N,), "moments": (N, 2, C, h, w) float16}."""
     table = pq.read_table(path)

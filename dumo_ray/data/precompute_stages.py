@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dumo_ray.data.images import DEFAULT_MAX_PIXELS, load_image
-from dumo_ray.data.latents import file_sha256, moment_sums, moments_table
+from dumo_ray.data.latents import file_sha256, moment_sums, moments_table, write_shard_table
 
 SIDECAR_SUFFIX = ".json"
 
@@ -114,11 +114,9 @@ def write_shard(batch: dict[str, np.ndarray], output: str, names: dict[int, str]
     moments = batch["moments"][good][order]
     table = moments_table([keys[i] for i in order], batch["label"][good][order], batch["flip"][good][order], moments)
 
-    import pyarrow.parquet as pq
-
     final = output_dir / name
     tmp = output_dir / f".tmp-{name}-{os.getpid()}"
-    pq.write_table(table, tmp)
+    write_shard_table(table, tmp)
     sum_mean, sum_sq, count = moment_sums(moments)
     sidecar: dict[str, Any] = {
         "file": name, "rows": len(keys), "images": len(set(keys)), "sha256": file_sha256(tmp),
