@@ -14,8 +14,7 @@ from dumo_ray.eval.grids import save_grid
 from dumo_ray.eval.image_sets import SampleBatchWriter
 from dumo_ray.eval.pixels import to_uint8
 from dumo_ray.export import is_export, load_export, load_export_info
-from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks
-from dumo_ray.seeding import derive_seed
+from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks, sample_plan
 from dumo_ray.train.checkpoint import load_state
 from dumo_ray.train.loop import build_model_from_config
 from dumo_ray.vae import LatentDecoder
@@ -53,12 +52,6 @@ def check_labels(labels: Sequence[int] | None, num_classes: int) -> list[int]:
     return classes
 
 
-def sample_plan(indices: Sequence[int], classes: Sequence[int], seed: int) -> tuple[torch.Tensor, list[int]]:
-    """Image i: label classes[i mod len(classes)], noise seed derived from (seed, "sample", i)."""
-    labels = torch.tensor([classes[int(i) % len(classes)] for i in indices], dtype=torch.long)
-    return labels, [derive_seed(seed, "sample", int(i)) for i in indices]
-
-
 def make_decoder(latent_info: dict | None, vae: str | None, device: str | torch.device) -> LatentDecoder | None:
     """Latent models decode through the manifest's VAE (or `vae`, e.g. a local copy); pixel models need none."""
     if latent_info is None:
@@ -70,7 +63,7 @@ def draw(model: torch.nn.Module, cfg: Config, decode: LatentDecoder | None, indi
          *, steps: int, method: str | None, seed: int, mid: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [-1, 1], labels) for the given sample indices."""
     default_method, head = default_method_and_head(cfg.objective.name)
-    labels, seeds = sample_plan(indices, classes, seed)
+    labels, seeds = sample_plan(indices, classes, seed, "sample")
     images = sample_in_chunks(model, labels, seeds, chunk=chunk, steps=steps, method=method or default_method,
                               mid=mid, head=head)
     return (decode(images) if decode is not None else images), labels

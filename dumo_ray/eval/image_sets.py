@@ -82,10 +82,14 @@ def iter_image_batches(path: str | Path, batch_size: int = 100,
             labels = np.array([int(m.group(1)) for m in matches]) if all(matches) else None
             yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
         return
-    if "arr_0" not in npz_keys(path):
-        raise ValueError(f"{path} holds no images (arr_0); keys: {npz_keys(path)}")
     with zipfile.ZipFile(path) as archive:
-        labels_all = np.load(path)["arr_1"] if "arr_1" in npz_keys(path) else None
+        names = archive.namelist()
+        if "arr_0.npy" not in names:
+            raise ValueError(f"{path} holds no images (arr_0); keys: {[n[:-4] for n in names]}")
+        labels_all = None
+        if "arr_1.npy" in names:
+            with archive.open("arr_1.npy") as member:
+                labels_all = np.load(member)
         member, shape, dtype = _npz_member(archive, "arr_0")
         if dtype != np.uint8 or len(shape) != 4:
             raise ValueError(f"{path}: arr_0 must be uint8 images (N, H, W, C), got {dtype} {shape}")

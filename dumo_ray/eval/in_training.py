@@ -15,8 +15,7 @@ from dumo_ray.eval.features import build_feature_network, inception_weights_path
 from dumo_ray.eval.image_sets import load_reference
 from dumo_ray.eval.pixels import to_uint8
 from dumo_ray.eval.scores import score_outputs
-from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks
-from dumo_ray.seeding import derive_seed
+from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks, sample_plan
 
 
 def check_eval_inputs(cfg: Config) -> None:
@@ -32,8 +31,7 @@ def check_eval_inputs(cfg: Config) -> None:
 
 def eval_indices(cfg: Config, rank: int, world: int) -> tuple[np.ndarray, torch.Tensor, list[int]]:
     indices = np.arange(rank, cfg.eval.num_images, world)
-    labels = torch.as_tensor(indices % cfg.model.num_classes, dtype=torch.long)
-    seeds = [derive_seed(cfg.train.seed, "eval", int(i)) for i in indices]
+    labels, seeds = sample_plan(indices, range(cfg.model.num_classes), cfg.train.seed, "eval")
     return indices, labels, seeds
 
 

@@ -78,6 +78,15 @@ def euler(model: nn.Module, x1: torch.Tensor, y: torch.Tensor, steps: int, head:
     return x
 
 
+def sample_plan(indices: Sequence[int], classes: Sequence[int], seed: int,
+                purpose: str) -> tuple[torch.Tensor, list[int]]:
+    """Image i: label classes[i mod len(classes)], noise seed derived from (seed, purpose, i) alone, so an
+    image is the same whatever set or batch it is drawn in (grids, evaluation and mass sampling each
+    have their own purpose)."""
+    labels = torch.tensor([classes[int(i) % len(classes)] for i in indices], dtype=torch.long)
+    return labels, [derive_seed(seed, purpose, int(i)) for i in indices]
+
+
 def default_method_and_head(objective: str) -> tuple[str, int]:
     """How a model trained with `objective` samples by default: flow matching integrates its velocity
     head (Euler); DuMo and MeanFlow jump with the u-head (MeanFlow's u-head is also its velocity)."""

@@ -24,7 +24,7 @@ from dumo_ray.data.batches import epoch_batches
 from dumo_ray.data.digits import load_digits_tensors
 from dumo_ray.eval.grids import save_grid
 from dumo_ray.flow import build_objective
-from dumo_ray.flow.sampler import default_method_and_head, sample
+from dumo_ray.flow.sampler import default_method_and_head, sample, sample_plan
 from dumo_ray.models import build_model, count_parameters
 from dumo_ray.seeding import derive_seed, generator
 from dumo_ray.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
@@ -107,8 +107,7 @@ class StatusLine:
 
 def sample_for_grid(model: nn.Module, cfg: Config, steps: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n class-balanced samples from fixed per-index seeds (the same images at every checkpoint)."""
-    labels = torch.arange(n) % cfg.model.num_classes
-    seeds = [derive_seed(cfg.train.seed, "grid", i) for i in range(n)]
+    labels, seeds = sample_plan(range(n), range(cfg.model.num_classes), cfg.train.seed, "grid")
     method, head = default_method_and_head(cfg.objective.name)
     images = sample(model, labels, seeds, steps=steps, method=method, mid=cfg.train.sample_mid_time, head=head)
     return images, labels
