@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import report  # benchmarks/report.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,13 +84,11 @@ def main() -> None:
             ray.shutdown()
 
     base = rows[0]["ms_per_step"]
-    print(f"# {args.preset}, global batch {args.batch}, {args.steps} steps, {cpus} CPU cores")
-    print("| setup | ms/step (steady) | x plain | steps/s | wall s (incl. start-up) |\n|---|---|---|---|---|")
     for r in rows:
         r["x_plain"] = r["ms_per_step"] / base
-        print(f"| {r['setup']} | {r['ms_per_step']:.1f} | {r['x_plain']:.3f} | {1000 / r['ms_per_step']:.2f} | {r['wall_s']:.0f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        r["steps_per_s"] = 1000 / r["ms_per_step"]
+    report(f"{args.preset}, global batch {args.batch}, {args.steps} steps, {cpus} CPU cores (ms/step: steady state; "
+           "wall_s: incl. start-up)", rows, ["setup", "ms_per_step", "x_plain", "steps_per_s", "wall_s"], args.json, vars(args))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import report  # benchmarks/report.py (the script's folder is on sys.path)
+
 import numpy as np
 
 
@@ -103,13 +105,9 @@ def main() -> None:
         rate = pyarrow_rate(root, manifest)
         rows.append({"path": "plain pyarrow read (1 process, no batching)", "latents_per_s": rate, "per_core": rate})
 
-    print(f"\n{args.rows:,} rows of 2x4x32x32 float16 moments, micro-batch {args.micro_batch}, "
-          f"{args.batches} batches timed, Ray with {args.cpus} CPUs")
-    print(f"{'path':48s} {'latents/s':>12s} {'per core':>12s}")
-    for row in rows:
-        print(f"{row['path']:48s} {row['latents_per_s']:12,.0f} {row['per_core']:12,.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    report(f"{args.rows:,} rows of 2x4x32x32 float16 moments, micro-batch {args.micro_batch}, "
+           f"{args.batches} batches timed, Ray with {args.cpus} CPUs", rows, ["path", "latents_per_s", "per_core"],
+           args.json, vars(args))
 
 
 if __name__ == "__main__":

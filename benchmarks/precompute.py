@@ -9,10 +9,11 @@ download is possible here; the compute is the same). Prints a table and writes J
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from report import report  # benchmarks/report.py (the script's folder is on sys.path)
 
 import numpy as np
 import torch
@@ -88,12 +89,8 @@ def main() -> None:
             ray.shutdown()
     rows = [{"method": "plain single-process loop", "seconds": plain_s, "images_per_s": args.images / plain_s},
             {"method": f"Ray Data pipeline ({args.cpus} CPUs)", "seconds": ray_s, "images_per_s": args.images / ray_s}]
-    print(f"# {args.images} JPEGs -> {args.resolution}px crops -> {args.vae} VAE latents, torch threads {torch.get_num_threads()}")
-    print("| method | seconds | images/s |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    report(f"{args.images} JPEGs -> {args.resolution}px crops -> {args.vae} VAE latents, torch threads "
+           f"{torch.get_num_threads()}", rows, ["method", "seconds", "images_per_s"], args.json, vars(args))
 
 
 if __name__ == "__main__":

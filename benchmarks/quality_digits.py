@@ -11,11 +11,12 @@ Wall time per run is reported too (the objectives' step costs differ). Prints me
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from report import report  # benchmarks/report.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("dumo", "meanflow", "flow_matching")
@@ -60,15 +61,13 @@ def main() -> None:
                 results.append(run(objective, seed, args.steps, storage))
 
     columns = ["fd_1step", "accuracy_1step", "fd_2step", "accuracy_2step", "fd_4step", "accuracy_4step", "fd_50step"]
-    print(f"\n{args.steps:,} training steps of batch 128, seeds {args.seeds}, 1,000 evaluation samples (mean +- std)")
-    print(f"{'objective':14s} {'s/run':>8s} " + " ".join(f"{c:>18s}" for c in columns))
+    table = []
     for objective in args.objectives:
-        rows = [r for r in results if r["objective"] == objective]
-        seconds = statistics.mean(r["seconds"] for r in rows)
-        cells = [mean_std([r[c] for r in rows if c in r]) for c in columns]
-        print(f"{objective:14s} {seconds:8.0f} " + " ".join(f"{c:>18s}" for c in cells))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
+        runs = [r for r in results if r["objective"] == objective]
+        table.append({"objective": objective, "s_per_run": statistics.mean(r["seconds"] for r in runs),
+                      **{c: mean_std([r[c] for r in runs if c in r]) for c in columns}})
+    report(f"{args.steps:,} training steps of batch 128, seeds {args.seeds}, 1,000 evaluation samples (mean +- std)",
+           table, ["objective", "s_per_run"] + columns, args.json, {**vars(args), "runs": results})
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("objective.zero_fraction=-0.1", "objective.zero_fraction must be in [0, 1]"),
     ("model.preset=DuMo-XXL/2", "model.preset must be one of"),
     ("objective.name=shortcut", "objective.name must be one of dumo, meanflow, flow_matching"),
-    ("objective.estimator=fd", "objective.estimator must be one of jvp, finite_difference"),
+    ("objective.estimator=fd", "objective.estimator must be one of jvp, dual, finite_difference"),
     ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
     ("optim.batch_size=12.5", "optim.batch_size must be an integer"),
     ("optim.momentum=0.9", "unknown config key optim.momentum"),

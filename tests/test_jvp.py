@@ -68,3 +68,29 @@ def test_unknown_estimator(setting):
     model, x, t, r, y, tangent = setting
     with pytest.raises(ValueError, match="unknown derivative estimator"):
         u_and_dudt(model, x, t, r, y, tangent, estimator="magic")
+
+
+def test_dual_number_estimator_equals_functorch_jvp(setting):
+    model, x, t, r, y, tangent = setting
+    v, u, exact = u_and_dudt(model, x, t, r, y, tangent)
+    v_dual, u_dual, dual = u_and_dudt(model, x, t, r, y, tangent, estimator="dual")
+    torch.testing.assert_close(dual, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u_dual, u)
+    assert u_dual.requires_grad and not dual.requires_grad
+
+
+@pytest.mark.parametrize("estimator", ["jvp", "dual"])
+def test_bf16_jvp_precision_under_autocast(random_micro_model, estimator):
+    """Under bf16 autocast the JVP runs in fp32 by default (close to the fp32 derivative) and in bf16 when
+    asked (coarser, returned as fp32)."""
+    model = random_micro_model.float()
+    g = torch.Generator().manual_seed(2)
+    x, tangent = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.5, 0.0]), torch.tensor([0, 3, 7, 10])
+    _, _, reference = u_and_dudt(model, x, t, r, y, tangent, estimator=estimator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, fp32 = u_and_dudt(model, x, t, r, y, tangent, estimator=estimator)
+        _, _, bf16 = u_and_dudt(model, x, t, r, y, tangent, estimator=estimator, jvp_precision="bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert rel_err(fp32, reference) < 1e-5
+    assert 1e-3 < rel_err(bf16, reference) < 0.25  # ~6% on this random model

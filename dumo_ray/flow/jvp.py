@@ -10,10 +10,17 @@ Estimators:
   (v, u) with their graph and dudt; under bf16 autocast the JVP runs separately in fp32 under no-grad
   and the main pass in bf16 (method.md section 7). The fused SDPA kernels have no forward-mode derivative, so the
   JVP runs with the math attention kernel; the plain forward elsewhere keeps the fast kernel.
+- `dual`: the same derivative through dual numbers (torch.autograd.forward_ad) instead of functorch's
+  transform; same cost on our benchmark, kept as a fallback where torch.func cannot trace a module.
 - `finite_difference`: [u(x_t, r, t) - u(x_t - h*tau, r, t - h)] / h under no-grad; works where
   forward-mode AD does not (e.g. DeepSpeed ZeRO-3).
+
+`jvp_precision="bf16"` runs the mixed-precision JVP under the caller's bf16 autocast instead of fp32:
+faster on GPUs (half-precision matmuls), less exact (method.md keeps fp32; see the README's GPU table).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -32,6 +39,23 @@ def autocast_off(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def _jvp_forward_ad(fn, primals, tangents):
+    """torch.func.jvp's contract (outputs, output tangents) computed with dual tensors."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, tan) for p, tan in zip(primals, tangents)]
+        unpacked = [fwAD.unpack_dual(o) for o in fn(*duals)]
+    return tuple(o.primal for o in unpacked), tuple(o.tangent for o in unpacked)
+
+
+def _jvp_functorch(fn, primals, tangents):
+    return torch.func.jvp(fn, primals, tangents)
+
+
+JVP_BACKENDS = {"jvp": _jvp_functorch, "dual": _jvp_forward_ad}
+
+
 def u_and_dudt(
     model: nn.Module,
     x_t: torch.Tensor,
@@ -42,22 +66,25 @@ def u_and_dudt(
     *,
     estimator: str = "jvp",
     fd_step: float = 5e-3,
+    jvp_precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (v, u, dudt); v and u carry gradients, dudt is the derivative along (tangent, 0, 1) and
     carries none."""
-    if estimator == "jvp":
+    if estimator in JVP_BACKENDS:
+        jvp = JVP_BACKENDS[estimator]
         primals, tangents = (x_t, t), (tangent.to(x_t.dtype), torch.ones_like(t))
         if torch.is_autocast_enabled(x_t.device.type):
-            # Mixed precision: the main pass in bf16 (fast kernels), the JVP in fp32 without a graph
-            # (dudt is a stop-gradient target, so its pass needs no backward).
-            with torch.no_grad(), math_attention(), autocast_off(x_t.device.type):
-                _, dudt = torch.func.jvp(lambda x, t_: model(x, t_, r, y)[1], primals, tangents)
+            # Mixed precision: the main pass in bf16 (fast kernels), the JVP without a graph (dudt is a
+            # stop-gradient target, so its pass needs no backward), in fp32 unless asked otherwise.
+            precision = contextlib.nullcontext() if jvp_precision == "bf16" else autocast_off(x_t.device.type)
+            with torch.no_grad(), math_attention(), precision:
+                _, (_, dudt) = jvp(lambda x, t_: model(x, t_, r, y), primals, tangents)
             v, u = model(x_t, t, r, y)
-            return v, u, dudt
+            return v, u, dudt.float()
         # fp32: one pass gives the outputs with their graph and the tangent (JVP + backward costs ~2x
         # forward + backward, less than a separate forward and JVP).
         with math_attention():
-            (v, u), (_, dudt) = torch.func.jvp(lambda x, t_: model(x, t_, r, y), primals, tangents)
+            (v, u), (_, dudt) = jvp(lambda x, t_: model(x, t_, r, y), primals, tangents)
         return v, u, dudt.detach()
     if estimator == "finite_difference":
         v, u = model(x_t, t, r, y)
@@ -67,5 +94,5 @@ def u_and_dudt(
             _, u_prev = model(x_t - broadcast_time(h, x_t) * tangent, t - h, r, y)
         dudt = (u.detach() - u_prev) / broadcast_time(h, x_t)
         return v, u, dudt
-    raise ValueError(f"unknown derivative estimator {estimator!r}; use 'jvp' or 'finite_difference'")
+    raise ValueError(f"unknown derivative estimator {estimator!r}; use 'jvp', 'dual' or 'finite_difference'")
 

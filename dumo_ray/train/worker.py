@@ -69,7 +69,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     deepspeed = import_deepspeed(use_gpu)
 
     objective_cfg = cfg.objective
-    if cfg.distributed.zero_stage == 3 and objective_cfg.name != "flow_matching" and objective_cfg.estimator == "jvp":
+    if cfg.distributed.zero_stage == 3 and objective_cfg.name != "flow_matching" and objective_cfg.estimator in ("jvp", "dual"):
         # ZeRO-3's partitioned parameters go through autograd Functions without a forward-mode rule.
         import dataclasses
 
