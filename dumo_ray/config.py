@@ -71,7 +71,6 @@ class ObjectiveConfig:
     name: str = "dumo"  # dumo | meanflow | flow_matching
     tangent: str = "v_hat"  # v_hat: stopgrad(v-head) | v_target: the (guided) velocity target
     estimator: str = "jvp"  # jvp (torch.func) | dual (forward-mode dual numbers) | finite_difference
-    jvp_precision: str = "fp32"  # fp32 | bf16: the JVP's precision under bf16 autocast (GPU); fp32 per the paper
     fd_step: float = 5e-3
     time_sampler: str = "logit_normal"  # logit_normal | uniform
     time_mean: float = -0.4
@@ -96,7 +95,6 @@ class ObjectiveConfig:
         _choice("objective", "name", self.name, ("dumo", "meanflow", "flow_matching"))
         _choice("objective", "tangent", self.tangent, ("v_hat", "v_target"))
         _choice("objective", "estimator", self.estimator, ("jvp", "dual", "finite_difference"))
-        _choice("objective", "jvp_precision", self.jvp_precision, ("fp32", "bf16"))
         _choice("objective", "time_sampler", self.time_sampler, ("logit_normal", "uniform"))
         _positive("objective", "fd_step", self.fd_step)
         _positive("objective", "time_std", self.time_std)

@@ -8,7 +8,6 @@ from dumo_ray.flow.objectives import adaptive_weighted, per_sample_sse
 from dumo_ray.flow.path import TimeSampler
 from dumo_ray.models import build_model
 
-from conftest import randomize
 
 
 def test_adaptive_weighting_equals_hand_computation():

@@ -1,7 +1,6 @@
 """Latent precompute on a real local Ray, a real (tiny) AutoencoderKL loaded with from_pretrained, real
 Parquet files, and a folder of good and bad images."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import torch
 from PIL import Image
 
 from conftest import randomize

@@ -11,7 +11,6 @@ Rerunning the same command resumes an interrupted sweep (`Tuner.restore`): finis
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 from pathlib import Path

@@ -15,12 +15,12 @@ Estimators:
 - `finite_difference`: [u(x_t, r, t) - u(x_t - h*tau, r, t - h)] / h under no-grad; works where
   forward-mode AD does not (e.g. DeepSpeed ZeRO-3).
 
-`jvp_precision="bf16"` runs the mixed-precision JVP under the caller's bf16 autocast instead of fp32:
-faster on GPUs (half-precision matmuls), less exact (method.md keeps fp32; see the README's GPU table).
+The JVP stays in fp32 under bf16 autocast: measured on an H200 (benchmarks/profile_jvp.py), a bf16 JVP of
+DuMo-XL/2 is only 12% faster (its time is in unfused elementwise tangent ops, not in matmuls) and its
+output was NaN at initialisation.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn as nn
@@ -66,7 +66,6 @@ def u_and_dudt(
     *,
     estimator: str = "jvp",
     fd_step: float = 5e-3,
-    jvp_precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (v, u, dudt); v and u carry gradients, dudt is the derivative along (tangent, 0, 1) and
     carries none."""
@@ -75,12 +74,11 @@ def u_and_dudt(
         primals, tangents = (x_t, t), (tangent.to(x_t.dtype), torch.ones_like(t))
         if torch.is_autocast_enabled(x_t.device.type):
             # Mixed precision: the main pass in bf16 (fast kernels), the JVP without a graph (dudt is a
-            # stop-gradient target, so its pass needs no backward), in fp32 unless asked otherwise.
-            precision = contextlib.nullcontext() if jvp_precision == "bf16" else autocast_off(x_t.device.type)
-            with torch.no_grad(), math_attention(), precision:
+            # stop-gradient target, so its pass needs no backward), in fp32.
+            with torch.no_grad(), math_attention(), autocast_off(x_t.device.type):
                 _, (_, dudt) = jvp(lambda x, t_: model(x, t_, r, y), primals, tangents)
             v, u = model(x_t, t, r, y)
-            return v, u, dudt.float()
+            return v, u, dudt
         # fp32: one pass gives the outputs with their graph and the tangent (JVP + backward costs ~2x
         # forward + backward, less than a separate forward and JVP).
         with math_attention():

@@ -11,7 +11,6 @@ restart repeats nothing and skips nothing after its checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
