@@ -56,11 +56,12 @@ def ray_rate(root: Path, manifest: dict, *, cache: str, shuffle_buffer: int, mic
 
     from dumo_ray.config import DataConfig
     from dumo_ray.data.loader import LatentBatches, latent_dataset
+    from dumo_ray.train.batch_plan import BatchPlan
 
     cfg = DataConfig(source="latents", path=str(root), cache=cache, shuffle_buffer=shuffle_buffer)
     ds, _, rows, cached = latent_dataset(cfg)
     channels = manifest["latent_shape"][0]
-    loader = LatentBatches(ds.iterator(), micro_batch=micro_batch, rows=rows, world_size=1, rank=0, seed=0,
+    loader = LatentBatches(ds.iterator(), plan=BatchPlan(micro_batch, 1, 0), rows=rows, seed=0,
                            shuffle_buffer=shuffle_buffer, channel_mean=torch.zeros(channels),
                            channel_std=torch.ones(channels), device=torch.device("cpu"), in_memory=cached)
     return time_batches(loader, batches, micro_batch)

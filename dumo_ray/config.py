@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -157,7 +157,11 @@ class DistributedConfig:
 
     launcher: str = "ray"  # ray: TorchTrainer + DeepSpeed | local: this process, plain PyTorch
     address: Optional[str] = None  # Ray cluster address; None: RAY_ADDRESS or a new local Ray
-    num_workers: int = 1
+    # N, or [min, max] for elastic training: Ray Train starts with as many workers as the cluster can host
+    # (up to max), restarts with fewer (>= min) when a node is lost, and scales back up when nodes return.
+    num_workers: Union[int, list[int]] = 1
+    elastic_resize_interval_s: float = 60.0  # how often a running elastic group checks for room to grow
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per worker
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -168,7 +172,13 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         _choice("distributed", "launcher", self.launcher, ("ray", "local"))
-        _positive("distributed", "num_workers", self.num_workers)
+        if isinstance(self.num_workers, list):
+            _check(len(self.num_workers) == 2 and 1 <= self.num_workers[0] <= self.num_workers[1],
+                   f"distributed.num_workers must be N or [min, max] with 1 <= min <= max, got {self.num_workers}")
+        else:
+            _positive("distributed", "num_workers", self.num_workers)
+        _check(self.elastic_resize_interval_s >= 0,
+               f"distributed.elastic_resize_interval_s must be >= 0, got {self.elastic_resize_interval_s}")
         _check(self.cpus_per_worker >= 0, f"distributed.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
         _check(self.gpus_per_worker >= 0, f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         _check(self.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
@@ -176,6 +186,18 @@ class DistributedConfig:
         _choice("distributed", "placement_strategy", self.placement_strategy,
                 ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         _positive("distributed", "max_nonfinite_steps", self.max_nonfinite_steps)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 @dataclass
@@ -201,7 +223,10 @@ class OptimConfig:
     beta2: float = 0.95
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
-    batch_size: int = 256  # global batch, images per optimizer step
+    batch_size: int = 256  # global batch, images per optimizer step, whatever the number of workers
+    # Largest micro-batch one worker runs at once; a worker's share of the global batch above it is split
+    # into gradient-accumulation steps. None: the whole share in one pass.
+    micro_batch_size: Optional[int] = None
     ema_decay: float = 0.9999
 
     def __post_init__(self) -> None:
@@ -211,6 +236,8 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
         _positive("optim", "batch_size", self.batch_size)
+        if self.micro_batch_size is not None:
+            _positive("optim", "micro_batch_size", self.micro_batch_size)
         _in_unit_interval("optim", "ema_decay", self.ema_decay)
 
 
@@ -287,6 +314,11 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        _check(self.optim.batch_size >= self.distributed.max_workers,
+               f"optim.batch_size {self.optim.batch_size} is smaller than distributed.num_workers "
+               f"{self.distributed.num_workers}: every worker needs at least one image per step")
+
     @property
     def run_dir(self) -> str:
         return f"{self.train.storage_path.rstrip('/')}/{self.train.name}"
@@ -310,12 +342,21 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for i, candidate in enumerate(inner):
+            try:
+                return _coerce(value, candidate, key)
+            except ConfigError:
+                if i == len(inner) - 1:
+                    raise
     if origin is list:
         _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
         (inner,) = typing.get_args(annotation)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(annotation)
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:

@@ -124,8 +124,8 @@ def default_max_concurrent(cfg: Config) -> int:
     resources = ray.cluster_resources()
     d = cfg.distributed
     if resources.get("GPU", 0) > 0 and d.use_gpu is not False:
-        return max(1, int(resources["GPU"] // (d.num_workers * d.gpus_per_worker)))
-    return max(1, int(resources.get("CPU", 1) // (d.num_workers * d.cpus_per_worker + 1)))
+        return max(1, int(resources["GPU"] // (d.max_workers * d.gpus_per_worker)))
+    return max(1, int(resources.get("CPU", 1) // (d.max_workers * d.cpus_per_worker + 1)))
 
 
 def parent_run(cfg: Config, sweep_dir: Path, name: str, settings: dict[str, Any]) -> str | None:

@@ -1,10 +1,18 @@
 """Training batches from the latent Parquet shards through Ray Data.
 
 Driver side: `latent_dataset` reads the shards (file order fixed by the manifest). Worker side:
-`LatentBatches` iterates this worker's `get_dataset_shard(...)` one epoch at a time with a seeded local
-shuffle (seed = f(seed, rank, epoch)), samples z from the stored posterior (seed = f(seed, rank, step)),
-normalises it, and skips the batches of the current epoch that a resumed run already consumed. A small
-(cached) dataset is read from the shard once and reshuffled in memory each epoch with the same seeding.
+`LatentBatches` yields, per optimizer step, this worker's micro-batches of the global batch (see
+`train.batch_plan`), each with its loss weight; it samples z from the stored posterior (seed =
+f(seed, rank, step)), normalises it, and skips what a resumed run already consumed.
+
+Two sources:
+- a small (cached) dataset is held whole by every worker and put in a global order each epoch
+  (seed = f(seed, epoch)); step k of an epoch is positions [k*B, (k+1)*B) of that order, and each worker
+  takes its slice. The images of every step are the same whatever the number of workers, so an elastic
+  run that shrinks or grows continues the data order exactly.
+- a streamed dataset: each worker iterates its own `get_dataset_shard(...)` with a seeded local shuffle
+  (seed = f(seed, rank, epoch)). Resuming at another worker count keeps the position in the epoch but
+  draws the rest of the epoch from the new split (some images of that epoch seen twice, some not at all).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import torch
 from dumo_ray.config import DataConfig
 from dumo_ray.data.latents import load_manifest, sample_normalized
 from dumo_ray.seeding import derive_seed, generator
+from dumo_ray.train.batch_plan import BatchPlan
 
 
 CACHE_LIMIT_BYTES = 2 * 2**30
@@ -60,29 +69,36 @@ def normalization(cfg: DataConfig, manifest: dict[str, Any]) -> tuple[torch.Tens
 
 
 class LatentBatches:
-    """Endless {"x0", "y"} micro-batches for one worker, reproducible and resumable by step."""
+    """Endless lists of ({"x0", "y"} micro-batch, loss weight), one list per optimizer step, for one
+    worker; reproducible and resumable by step. `source`: this worker's dataset shard (streamed) or the
+    whole dataset (in_memory)."""
 
-    def __init__(self, shard, *, micro_batch: int, rows: int, world_size: int, rank: int, seed: int,
-                 shuffle_buffer: int, channel_mean: torch.Tensor, channel_std: torch.Tensor,
-                 device: torch.device, start_step: int = 0, in_memory: bool = False):
-        self.shard, self.micro_batch, self.rank, self.seed = shard, micro_batch, rank, seed
+    def __init__(self, source, *, plan: BatchPlan, rows: int, seed: int, shuffle_buffer: int,
+                 channel_mean: torch.Tensor, channel_std: torch.Tensor, device: torch.device,
+                 start_step: int = 0, in_memory: bool = False):
+        self.source, self.plan, self.rank, self.seed = source, plan, plan.rank, seed
+        self.share = plan.share(plan.rank)
         self.shuffle_buffer = shuffle_buffer
-        self.steps_per_epoch = (rows // world_size) // micro_batch
+        if in_memory:
+            self.steps_per_epoch = rows // plan.global_batch
+        else:  # every worker streams an equal part of the rows and stops with the one that has the largest share
+            self.steps_per_epoch = (rows // plan.world_size) // plan.share(0)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{rows} rows over {world_size} workers cannot fill one micro-batch of {micro_batch}")
+            raise ValueError(f"{rows} rows cannot fill one global batch of {plan.global_batch} "
+                             f"over {plan.world_size} workers")
         self.mean, self.std = channel_mean.to(device), channel_std.to(device)
         self.device = device
         self.step = start_step
         self.in_memory = in_memory
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[list[tuple[dict[str, torch.Tensor], float]]]:
         if self.in_memory:
             yield from self._iter_in_memory()
             return
         while True:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
-            batches = self.shard.iter_torch_batches(
-                batch_size=self.micro_batch, drop_last=True, device=self.device,
+            batches = self.source.iter_torch_batches(
+                batch_size=self.share, drop_last=True, device=self.device,
                 local_shuffle_buffer_size=self.shuffle_buffer or None,
                 local_shuffle_seed=derive_seed(self.seed, self.rank, "shuffle", epoch) % 2**32 if self.shuffle_buffer else None)
             for index, batch in enumerate(batches):
@@ -90,27 +106,33 @@ class LatentBatches:
                     continue  # consumed before the checkpoint this run resumed from
                 if index >= self.steps_per_epoch:
                     break
-                yield self._make_batch(batch["moments"], batch["label"])
+                yield self._micro_batches(batch["moments"], batch["label"])
             else:
                 # The shard ran out early (uneven split): the epoch ends here on every worker alike.
                 self.step = (epoch + 1) * self.steps_per_epoch
 
-    def _make_batch(self, moments: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = generator(self.seed, self.rank, self.step, "posterior", device=self.device)
-        x0 = sample_normalized(moments.to(self.device), self.mean, self.std, g)
+    def _micro_batches(self, moments: torch.Tensor, labels: torch.Tensor) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """This worker's share of one step, split into its micro-batches, z drawn from the posterior."""
+        out, start = [], 0
+        for i, size in enumerate(self.plan.micro_batches):
+            g = generator(self.seed, self.rank, self.step, "posterior", *((i,) if i else ()), device=self.device)
+            x0 = sample_normalized(moments[start:start + size].to(self.device), self.mean, self.std, g)
+            out.append(({"x0": x0, "y": labels[start:start + size].to(self.device).long()}, self.plan.weight(size)))
+            start += size
         self.step += 1
-        return {"x0": x0, "y": labels.to(self.device).long()}
+        return out
 
-    def _iter_in_memory(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Small (cached) datasets: read this worker's shard once, then reshuffle it in memory every epoch
-        with the same seeded scheme. Saves Ray Data's per-epoch start-up, which dominates when an epoch is
-        a dozen steps (the digits)."""
-        parts = list(self.shard.iter_torch_batches(batch_size=4096))
+    def _iter_in_memory(self) -> Iterator[list[tuple[dict[str, torch.Tensor], float]]]:
+        """Small (cached) datasets: read the whole dataset once, then each epoch take this worker's slice
+        of every global batch of one seeded global order. Saves Ray Data's per-epoch start-up, which
+        dominates when an epoch is a dozen steps (the digits)."""
+        parts = list(self.source.iter_torch_batches(batch_size=4096))
         moments = torch.cat([p["moments"] for p in parts])
         labels = torch.cat([p["label"] for p in parts])
+        batch, offset = self.plan.global_batch, self.plan.offset
         while True:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
-            order = torch.randperm(len(labels), generator=generator(self.seed, self.rank, "shuffle", epoch))
+            order = torch.randperm(len(labels), generator=generator(self.seed, "shuffle", epoch))
             for index in range(skip, self.steps_per_epoch):
-                idx = order[index * self.micro_batch:(index + 1) * self.micro_batch]
-                yield self._make_batch(moments[idx], labels[idx])
+                idx = order[index * batch + offset:index * batch + offset + self.share]
+                yield self._micro_batches(moments[idx], labels[idx])

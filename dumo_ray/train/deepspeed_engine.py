@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dumo_ray.config import Config
+from dumo_ray.train.batch_plan import BatchPlan
 
 
 def import_deepspeed(use_gpu: bool):
@@ -27,14 +28,14 @@ def import_deepspeed(use_gpu: bool):
     return deepspeed
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    batch = cfg.optim.batch_size
-    if batch % world_size:
-        raise ValueError(f"optim.batch_size {batch} is not divisible by {world_size} workers")
+def deepspeed_config(cfg: Config, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
+    """`load_universal`: the checkpoint to load was converted to DeepSpeed's universal format (saved at
+    another world size). DeepSpeed is given the plan's nominal micro-batch; the real (possibly uneven)
+    shares are weighted in the loss (train.batch_plan)."""
     config: dict[str, Any] = {
-        "train_batch_size": batch,
-        "train_micro_batch_size_per_gpu": batch // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_batch_size": plan.nominal_micro_batch * plan.accumulation * plan.world_size,
+        "train_micro_batch_size_per_gpu": plan.nominal_micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
         "zero_optimization": {"stage": cfg.distributed.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -42,6 +43,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
     if cfg.optim.grad_clip > 0:
         config["gradient_clipping"] = cfg.optim.grad_clip
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return config
 
 
@@ -84,12 +87,20 @@ class DeepSpeedStepper:
     def __init__(self, engine):
         self.engine = engine
 
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """A micro-batch before the last of a step: DeepSpeed adds its gradient and does not step yet."""
+        self.engine.backward(loss)
+        self.engine.step()
+
     def step(self, loss: torch.Tensor) -> tuple[float, bool]:
-        finite = torch.isfinite(loss.detach()).float().reshape(1).cpu()
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 0:
-            return math.nan, False
+        if self.engine.gradient_accumulation_steps() == 1:
+            # With accumulation the earlier micro-batches' gradients are already in; a bad loss is then
+            # left to DeepSpeed's own overflow check on the gradient norm.
+            finite = torch.isfinite(loss.detach()).float().reshape(1).cpu()
+            if dist.is_initialized():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                return math.nan, False
         self.engine.backward(loss)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()

@@ -61,7 +61,7 @@ def fit(cfg: Config, callbacks: list | None = None):
     check_against_manifest(cfg, manifest)
     d = cfg.distributed
     use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu else {}), **d.worker_resources}
     mean, std = normalization(cfg.data, manifest)
     latent_info = {"vae": manifest["vae"]["id"], "channel_mean": mean.tolist(), "channel_std": std.tolist(),
                    "latent_shape": manifest["latent_shape"], "classes": manifest["classes"]}
@@ -72,13 +72,18 @@ def fit(cfg: Config, callbacks: list | None = None):
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "rows": rows, "cached": cached, "latent_info": latent_info,
                            "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=d.placement_strategy),
+        scaling_config=ScalingConfig(num_workers=(d.min_workers, d.max_workers) if d.elastic else d.max_workers,
+                                     use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=d.placement_strategy,
+                                     elastic_resize_monitor_interval_s=d.elastic_resize_interval_s),
         run_config=RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path,
                              failure_config=FailureConfig(max_failures=d.max_failures), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets={"train": ds},
-        # Deterministic block order, so each worker's shard (and its seeded shuffle) repeats exactly.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # Deterministic block order, so each worker's shard (and its seeded shuffle) repeats exactly. A cached
+        # dataset is not split: every worker holds it whole and takes its slice of each global batch, so
+        # the data order does not depend on the number of workers (data/loader.py).
+        dataset_config=DataConfig(datasets_to_split=[] if cached else "all",
+                                  execution_options=ExecutionOptions(preserve_order=True)),
     )
     return trainer.fit()

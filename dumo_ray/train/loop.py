@@ -172,10 +172,18 @@ def run_steps(
     guard = NonFiniteGuard(cfg.distributed.max_nonfinite_steps)
     model.train()
     while progress.images < t.total_images:
-        data = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        gen = generator(t.seed, rank, progress.step, "objective", device=device)
-        with autocast(precision, device):
-            loss, terms = objective(model, data, gen)
+        item = next(batches)
+        # A step is one batch (the local trainer) or a list of (micro-batch, loss weight) whose gradients
+        # accumulate (the Ray trainer; see train.batch_plan). Status terms are the last micro-batch's.
+        micro_batches = item if isinstance(item, list) else [(item, 1.0)]
+        for i, (micro, weight) in enumerate(micro_batches):
+            data = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+            gen = generator(t.seed, rank, progress.step, "objective", *((i,) if i else ()), device=device)
+            with autocast(precision, device):
+                loss, terms = objective(model, data, gen)
+            loss = loss * weight if weight != 1.0 else loss
+            if i < len(micro_batches) - 1:
+                stepper.accumulate(loss)
         grad_norm, applied = stepper.step(loss)
         progress.step += 1
         progress.images += batch

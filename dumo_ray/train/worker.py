@@ -10,6 +10,7 @@ restart repeats nothing and skips nothing after its checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -25,9 +26,11 @@ from dumo_ray.flow import build_objective
 from dumo_ray.models import count_parameters
 from dumo_ray.train.deepspeed_engine import (DeepSpeedStepper, deepspeed_config, full_parameters, import_deepspeed,
                                              max_rank_difference, parameter_fingerprint)
+from dumo_ray.train.batch_plan import BatchPlan
 from dumo_ray.train.ema import EMA
 from dumo_ray.train.loop import (Progress, StatusLine, build_model_from_config, build_optimizer,
                                  evaluation_due, resolve_precision, round_to_batch, run_steps, write_sample_grids)
+from dumo_ray.train.reshard import convert_to_universal, saved_world_size
 from dumo_ray.vae import LatentDecoder
 
 DS_TAG = "deepspeed"
@@ -46,6 +49,19 @@ def write_export(run_dir: str, ema_state, cfg, latent_info) -> str:
     local = export_ema(Path(tempfile.mkdtemp(prefix="dumo-export-")) / "export", ema_state, cfg, latent_info)
     pyarrow.fs.copy_files(str(local), f"{run_dir}/export")
     return f"{run_dir}/export"
+
+
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (recorded in each checkpoint's state.json)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def log(rank: int, message: str) -> None:
@@ -76,26 +92,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log(rank, "ZeRO-3: torch.func.jvp is not supported through partitioned parameters; "
                   "using objective.estimator=finite_difference")
 
+    plan = BatchPlan(cfg.optim.batch_size, world, rank, cfg.optim.micro_batch_size)
     model = build_model_from_config(cfg).to(device)
     num_parameters = count_parameters(model)  # before ZeRO-3 partitions the parameters away
     ema = EMA(model, cfg.optim.ema_decay)  # a full fp32 copy on this worker's device
     optimizer = build_optimizer(cfg, model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
     objective = build_objective(objective_cfg, cfg.model.num_classes)
     progress, mlflow_run_id = Progress(), None
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=DS_TAG)
-            ema.load_state_dict(load_file(Path(directory) / EMA_FILE))
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-        progress = Progress(step=state["step"], images=state["images"])
-        mlflow_run_id = state.get("mlflow_run_id")
-        log(rank, f"resumed from checkpoint at image {progress.images:,} (step {progress.step:,})")
+    with contextlib.ExitStack() as stack:
+        directory = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
+        load_dir, saved_world = directory, world
+        if directory is not None:
+            saved_world = saved_world_size(directory / DS_TAG)
+            if saved_world != world:
+                # Saved by another number of workers (a node was lost or added): reshard through
+                # DeepSpeed's universal checkpoint.
+                load_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dumo-universal-")))
+                seconds = convert_to_universal(directory / DS_TAG, load_dir / DS_TAG)
+                before = BatchPlan(cfg.optim.batch_size, saved_world, 0, cfg.optim.micro_batch_size)
+                log(rank, f"worker count changed {saved_world} -> {world}: {before.describe()} becomes "
+                          f"{plan.describe()}; ZeRO state converted to DeepSpeed's universal format in "
+                          f"{seconds:.1f} s and resharded")
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, plan, load_universal=saved_world != world))
+        if directory is not None:
+            engine.load_checkpoint(str(load_dir), tag=DS_TAG)
+            ema.load_state_dict(load_file(directory / EMA_FILE))
+            state = json.loads((directory / STATE_FILE).read_text())
+            progress = Progress(step=state["step"], images=state["images"])
+            mlflow_run_id = state.get("mlflow_run_id")
+            log(rank, f"resumed from checkpoint at image {progress.images:,} (step {progress.step:,})")
 
+    nodes = worker_nodes(world)
+    log(rank, f"{world} workers on {len(set(nodes))} node(s): " + ", ".join(
+        f"{node[:8]} x {nodes.count(node)}" for node in sorted(set(nodes))))
     log(rank, f"{cfg.model.preset}: {num_parameters:,} parameters | objective {objective_cfg.name} "
-              f"({objective_cfg.estimator}) | {world} workers x {cfg.optim.batch_size // world} | ZeRO-{cfg.distributed.zero_stage} "
+              f"({objective_cfg.estimator}) | {plan.describe()} | ZeRO-{cfg.distributed.zero_stage} "
               f"| {device.type} {precision} | {cfg.train.total_images:,} images")
 
     tracker = None
@@ -142,7 +176,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.save_checkpoint(directory, tag=DS_TAG)
             if rank == 0:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, Path(directory) / EMA_FILE)
-                state = {"step": p.step, "images": p.images, "mlflow_run_id": tracker.run_id if tracker else None}
+                state = {"step": p.step, "images": p.images, "world_size": world, "nodes": nodes,
+                         "mlflow_run_id": tracker.run_id if tracker else None}
                 (Path(directory) / STATE_FILE).write_text(json.dumps(state))
             metrics = {"images": p.images, "step": p.step, "rank_param_max_diff": difference, **latest_eval}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -158,8 +193,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"injected failure at image {p.images} (train.fail_once_at_images)")
 
     batches = iter(LatentBatches(
-        ray.train.get_dataset_shard("train"), micro_batch=cfg.optim.batch_size // world, rows=loop_config["rows"],
-        world_size=world, rank=rank, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        ray.train.get_dataset_shard("train"), plan=plan, rows=loop_config["rows"],
+        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         channel_mean=torch.tensor(latent_info["channel_mean"]), channel_std=torch.tensor(latent_info["channel_std"]),
         device=device, start_step=progress.step, in_memory=loop_config["cached"]))
     status = StatusLine(progress.images, verbose=rank == 0)

@@ -1,0 +1,40 @@
+"""Loading a DeepSpeed ZeRO checkpoint at another world size (elastic runs).
+
+ZeRO partitions the optimizer state over the data-parallel ranks, and DeepSpeed refuses to load a
+checkpoint saved by a different number of ranks. Its universal checkpoint format stores every
+parameter's fp32 weight and Adam moments whole; a run that resumes at another world size converts the
+saved checkpoint with DeepSpeed's own `ds_to_universal` and loads that (config `load_universal`), which
+re-partitions the state for the new ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import time
+import types
+from pathlib import Path
+
+OPTIMIZER_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def saved_world_size(tag_dir: str | Path) -> int:
+    """The data-parallel world size a ZeRO checkpoint was saved at: one optimizer shard per rank."""
+    ranks = {int(m.group(1)) for p in Path(tag_dir).iterdir() if (m := OPTIMIZER_SHARD.search(p.name))}
+    if not ranks:
+        raise FileNotFoundError(f"no ZeRO optimizer shards (zero_pp_rank_*_optim_states.pt) in {tag_dir}")
+    return max(ranks) + 1
+
+
+def convert_to_universal(tag_dir: str | Path, out_dir: str | Path) -> float:
+    """Writes the universal form of the checkpoint in `tag_dir` to `out_dir` (same tag name inside);
+    returns the seconds it took. DeepSpeed's converter prints per-parameter progress; that goes nowhere."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    started = time.perf_counter()
+    args = types.SimpleNamespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
+                                 num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                 inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds_to_universal.main(args)
+    return time.perf_counter() - started
