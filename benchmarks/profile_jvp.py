@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from report import report  # benchmarks/report.py (the script's folder is on sys.path)
+from bench_model import add_model_arguments, bench_device, build_bench_model  # benchmarks/ is on sys.path
+from report import report
 
 from dumo_ray.flow.jvp import autocast_off, math_attention
-from dumo_ray.models import build_model
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -32,21 +32,15 @@ def timed(fn, device, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="DuMo-XL/2")
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--classes", type=int, default=1000)
+    add_model_arguments(p)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_model(args.preset, input_size=args.input_size, in_channels=args.channels,
-                        num_classes=args.classes).to(device)
+    model = build_bench_model(args, device)
     n = args.batch
     x = torch.randn(n, args.channels, args.input_size, args.input_size, device=device)
     t, y = torch.rand(n, device=device), torch.randint(0, args.classes, (n,), device=device)

@@ -12,30 +12,24 @@ import time
 
 import torch
 
-from report import report  # benchmarks/report.py (the script's folder is on sys.path)
+from bench_model import add_model_arguments, bench_device, build_bench_model  # benchmarks/ is on sys.path
+from report import report
 
 from dumo_ray.flow.sampler import sample_plan, sample_in_chunks
-from dumo_ray.models import build_model
 
 SETTINGS = [("u", 1), ("u", 2), ("u", 4), ("euler", 50)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="DuMo-XL/2")
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--classes", type=int, default=1000)
+    add_model_arguments(p)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--images", type=int, default=None, help="images per setting (default: 2 chunks)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_model(args.preset, input_size=args.input_size, in_channels=args.channels,
-                        num_classes=args.classes).to(device).eval()
+    device = bench_device()
+    model = build_bench_model(args, device).eval()
     images = args.images or 2 * args.chunk
     labels, seeds = sample_plan(range(images), range(args.classes), seed=0, purpose="bench")
     precisions = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]

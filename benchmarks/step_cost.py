@@ -14,11 +14,12 @@ import time
 
 import torch
 
-from report import report  # benchmarks/report.py (the script's folder is on sys.path)
+from bench_model import add_model_arguments, bench_device, build_bench_model  # benchmarks/ is on sys.path
+from report import report
 
 from dumo_ray.config import ObjectiveConfig
 from dumo_ray.flow import build_objective, u_and_dudt
-from dumo_ray.models import build_model, count_parameters
+from dumo_ray.models import count_parameters
 
 # Dense bf16 peak of the card, for the utilisation column (vendor figures).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -87,10 +88,7 @@ def time_variant(model, objective, optimizer, data, device, precision, steps: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="DuMo-XL/2")
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--classes", type=int, default=1000)
+    add_model_arguments(p)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -98,13 +96,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     precision = "bf16" if device.type == "cuda" else "fp32"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    model = build_model(args.preset, input_size=args.input_size, in_channels=args.channels, num_classes=args.classes).to(device)
+    model = build_bench_model(args, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"# {args.preset} ({count_parameters(model) / 1e6:.1f}M params), batch {args.batch}, {name}, {precision}, "
           f"torch {torch.__version__}")

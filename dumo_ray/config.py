@@ -343,12 +343,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for i, candidate in enumerate(inner):
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for candidate in inner:
             try:
                 return _coerce(value, candidate, key)
             except ConfigError:
-                if i == len(inner) - 1:
-                    raise
+                pass
+        kinds = " or ".join({int: "an integer", float: "a number", str: "a string"}.get(a, "a list") for a in inner)
+        raise ConfigError(f"{key} must be {kinds}, got {value!r}")
     if origin is list:
         _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
         (inner,) = typing.get_args(annotation)

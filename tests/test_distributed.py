@@ -114,6 +114,17 @@ def test_worker_failure_restarts_from_checkpoint_and_rerun_resumes_exactly(digit
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_three_workers_uneven_shares_and_gradient_accumulation(digits_latents, tmp_path, capfd):
+    """Global batch 32 over 3 workers (11/11/10), each share in 2 accumulated micro-batches of <= 6."""
+    cfg = tiny_config(digits_latents, tmp_path, "uneven", "distributed.num_workers=3", "optim.micro_batch_size=6",
+                      "train.total_images=320", "tracking.enabled=false")
+    result = fit(cfg)
+    assert result.error is None
+    assert result.metrics["images"] == 320 and result.metrics["step"] == 10
+    assert result.metrics["rank_param_max_diff"] == 0.0  # DeepSpeed kept the three replicas identical
+    assert "global batch 32 = 3 workers x 11/10 (2 accumulated micro-batches of <= 6)" in capfd.readouterr().out
+
+
 def test_model_must_match_the_latents(digits_latents, tmp_path):
     from dumo_ray.config import ConfigError
 

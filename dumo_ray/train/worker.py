@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log(rank, f"resumed from checkpoint at image {progress.images:,} (step {progress.step:,})")
 
     nodes = worker_nodes(world)
-    log(rank, f"{world} workers on {len(set(nodes))} node(s): " + ", ".join(
+    log(rank, f"{'1 worker' if world == 1 else f'{world} workers'} on {len(set(nodes))} node(s): " + ", ".join(
         f"{node[:8]} x {nodes.count(node)}" for node in sorted(set(nodes))))
     log(rank, f"{cfg.model.preset}: {num_parameters:,} parameters | objective {objective_cfg.name} "
               f"({objective_cfg.estimator}) | {plan.describe()} | ZeRO-{cfg.distributed.zero_stage} "
