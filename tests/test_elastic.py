@@ -86,7 +86,7 @@ def logged_points(cfg, run_id: str) -> list:
     return sorted(((m.step, m.timestamp / 1000) for m in history), key=lambda p: p[1])
 
 
-def test_elastic_run_loses_a_node_continues_and_scales_back_up(cluster, digits_latents, tmp_path):
+def test_elastic_run_loses_a_node_continues_and_scales_back_up(cluster, digits_latents, tmp_path, capfd):
     cluster_handle, (node_a, node_b) = cluster
     cfg = elastic_config(digits_latents, tmp_path, "elastic")
     run_dir = Path(cfg.run_dir)
@@ -129,6 +129,10 @@ def test_elastic_run_loses_a_node_continues_and_scales_back_up(cluster, digits_l
     final = checkpoint_states(run_dir)[-1]
     assert (final["images"], final["step"]) == (TOTAL, TOTAL // BATCH)
     assert (run_dir / "export" / "model.safetensors").exists()
+    # The workers said what changed: the same global batch, shared differently, the ZeRO state resharded.
+    log = capfd.readouterr().out
+    assert "worker count changed 2 -> 1: global batch 32 = 2 workers x 16 becomes global batch 32 = 1 worker x 32" in log
+    assert "worker count changed 1 -> 2: global batch 32 = 1 worker x 32 becomes global batch 32 = 2 workers x 16" in log
     print(f"\nrecovery (node lost -> first logged step): {recovery_s:.1f} s; images recomputed: {images_lost} "
           f"(lost at {images_at_loss}, resumed from {resumed_from}); checkpoint every {CHECKPOINT_EVERY}")
 
