@@ -21,7 +21,7 @@ from dumo_ray.train.launch import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32
-TOTAL = BATCH * 120
+TOTAL = BATCH * 240  # long enough that the run is still going when the node comes back
 CHECKPOINT_EVERY = BATCH * 15
 WORKER_NODE = {"num_cpus": 0, "resources": {"trainer": 1}}
 
@@ -70,12 +70,14 @@ def checkpoint_states(run_dir: Path) -> list[dict]:
     return sorted(states, key=lambda s: s["images"])
 
 
-def wait_for(condition, what: str, timeout: float = 240.0):
+def wait_for(condition, what: str, running: threading.Thread, timeout: float = 240.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()
         if value:
             return value
+        if not running.is_alive():
+            raise AssertionError(f"the run ended before {what}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -95,19 +97,19 @@ def test_elastic_run_loses_a_node_continues_and_scales_back_up(cluster, digits_l
     trainer.start()
 
     # 1. Two workers, one on each worker node.
-    first = wait_for(lambda: [s for s in checkpoint_states(run_dir) if s["world_size"] == 2], "a checkpoint by 2 workers")[0]
+    first = wait_for(lambda: [s for s in checkpoint_states(run_dir) if s["world_size"] == 2], "a checkpoint by 2 workers", trainer)[0]
     assert sorted(first["nodes"]) == sorted([node_a.node_id, node_b.node_id])
     run_id = first["mlflow_run_id"]
 
     # 2. Lose node b mid-run (after a few more logged steps).
     wait_for(lambda: max((p[0] for p in logged_points(cfg, run_id)), default=0) >= first["images"] + 4 * BATCH,
-             "training past the first checkpoint")
+             "training past the first checkpoint", trainer)
     images_at_loss = max(p[0] for p in logged_points(cfg, run_id))
     lost_at = time.time()
     cluster_handle.remove_node(node_b)
 
     # 3. Training goes on with one worker on node a, from the last checkpoint, resharded.
-    alone = wait_for(lambda: [s for s in checkpoint_states(run_dir) if s["world_size"] == 1], "a checkpoint by 1 worker")[0]
+    alone = wait_for(lambda: [s for s in checkpoint_states(run_dir) if s["world_size"] == 1], "a checkpoint by 1 worker", trainer)[0]
     assert alone["nodes"] == [node_a.node_id]
     resumed_from = max(s["images"] for s in checkpoint_states(run_dir) if s["world_size"] == 2 and s["images"] <= images_at_loss)
     back = [p for p in logged_points(cfg, run_id) if p[1] > lost_at and p[0] <= resumed_from + 2 * BATCH]
@@ -118,7 +120,7 @@ def test_elastic_run_loses_a_node_continues_and_scales_back_up(cluster, digits_l
     # 4. A node comes back: the run scales up to two workers again.
     node_c = cluster_handle.add_node(**WORKER_NODE)
     regrown = wait_for(lambda: [s for s in checkpoint_states(run_dir) if s["world_size"] == 2 and s["images"] > alone["images"]],
-                       "a checkpoint by 2 workers after the node came back")[0]
+                       "a checkpoint by 2 workers after the node came back", trainer)[0]
     assert sorted(regrown["nodes"]) == sorted([node_a.node_id, node_c.node_id])
 
     trainer.join(timeout=600)
