@@ -21,7 +21,6 @@ output was NaN at initialisation.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -49,11 +48,7 @@ def _jvp_forward_ad(fn, primals, tangents):
     return tuple(o.primal for o in unpacked), tuple(o.tangent for o in unpacked)
 
 
-def _jvp_functorch(fn, primals, tangents):
-    return torch.func.jvp(fn, primals, tangents)
-
-
-JVP_BACKENDS = {"jvp": _jvp_functorch, "dual": _jvp_forward_ad}
+JVP_BACKENDS = {"jvp": torch.func.jvp, "dual": _jvp_forward_ad}
 
 
 def u_and_dudt(

@@ -13,6 +13,10 @@ import math
 from dataclasses import dataclass
 
 
+def workers_phrase(count: int) -> str:
+    return "1 worker" if count == 1 else f"{count} workers"
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     global_batch: int
@@ -56,8 +60,7 @@ class BatchPlan:
     def describe(self) -> str:
         shares = sorted({self.share(r) for r in range(self.world_size)}, reverse=True)
         per_worker = "/".join(str(s) for s in shares)
-        workers = "1 worker" if self.world_size == 1 else f"{self.world_size} workers"
-        text = f"global batch {self.global_batch} = {workers} x {per_worker}"
+        text = f"global batch {self.global_batch} = {workers_phrase(self.world_size)} x {per_worker}"
         if self.accumulation > 1:
             text += f" ({self.accumulation} accumulated micro-batches of <= {self.nominal_micro_batch})"
         return text

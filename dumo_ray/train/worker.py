@@ -26,7 +26,7 @@ from dumo_ray.flow import build_objective
 from dumo_ray.models import count_parameters
 from dumo_ray.train.deepspeed_engine import (DeepSpeedStepper, deepspeed_config, full_parameters, import_deepspeed,
                                              max_rank_difference, parameter_fingerprint)
-from dumo_ray.train.batch_plan import BatchPlan
+from dumo_ray.train.batch_plan import BatchPlan, workers_phrase
 from dumo_ray.train.ema import EMA
 from dumo_ray.train.loop import (Progress, StatusLine, build_model_from_config, build_optimizer,
                                  evaluation_due, resolve_precision, round_to_batch, run_steps, write_sample_grids)
@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log(rank, f"resumed from checkpoint at image {progress.images:,} (step {progress.step:,})")
 
     nodes = worker_nodes(world)
-    log(rank, f"{'1 worker' if world == 1 else f'{world} workers'} on {len(set(nodes))} node(s): " + ", ".join(
+    log(rank, f"{workers_phrase(world)} on {len(set(nodes))} node(s): " + ", ".join(
         f"{node[:8]} x {nodes.count(node)}" for node in sorted(set(nodes))))
     log(rank, f"{cfg.model.preset}: {num_parameters:,} parameters | objective {objective_cfg.name} "
               f"({objective_cfg.estimator}) | {plan.describe()} | ZeRO-{cfg.distributed.zero_stage} "
