@@ -45,6 +45,10 @@ def _check_settings(output: Path, settings: dict[str, Any]) -> None:
         previous = json.loads(path.read_text())
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            if "schema_version" in changed:  # shards of two formats must not mix in one dataset
+                raise ValueError(f"{output} holds a precompute in shard schema {previous.get('schema_version', 1)}, "
+                                 f"this dumo-ray writes schema {SCHEMA_VERSION}; training reads it as it is, but "
+                                 "to resume it use the dumo-ray that started it, or choose a new --output folder")
             raise ValueError(f"{output} already holds a precompute with different settings ({', '.join(changed)}); "
                              "rerun with the same settings to resume, or choose a new --output folder")
     else:
@@ -82,7 +86,7 @@ def precompute_latents(
         raise ValueError(f"no files found under {source}/<class>/")
     output.mkdir(parents=True, exist_ok=True)
     geometry = _latent_geometry(vae, resolution, mode)
-    settings = {"source_root": str(source), "vae": geometry["id"], "vae_config_hash": geometry["config_hash"],
+    settings = {"schema_version": SCHEMA_VERSION, "source_root": str(source), "vae": geometry["id"], "vae_config_hash": geometry["config_hash"],
                 "resolution": resolution, "flip": flip, "limit": limit, "shard_size": shard_size, "mode": mode,
                 "max_pixels": max_pixels, "files": len(records)}
     _check_settings(output, settings)

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from dumo_ray.data.images import load_image
-from dumo_ray.data.latents import load_manifest, read_shard
+from dumo_ray.config import DataConfig
+from dumo_ray.data.latents import MANIFEST, load_manifest, moments_array, moments_table, read_shard, shard_name, write_shard_table
+from dumo_ray.data.loader import latent_dataset
 from dumo_ray.data.verify import verify_latents
 from dumo_ray.vae import encode_moments, load_vae
 from pipelines.precompute_latents import precompute_latents
@@ -94,10 +96,11 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, ti
     np.testing.assert_allclose(manifest["latent_stats"]["mean"], direct_mean, rtol=1e-9)
     np.testing.assert_allclose(manifest["latent_stats"]["std"], direct_std, rtol=1e-9)
 
-    # Ray Data reads the tensor column with its shape; plain pyarrow sees the shape in the file metadata.
-    ds = ray.data.read_parquet([str(out / s["file"]) for s in manifest["shards"]])
+    # The trainer's Ray Data read gives the moments as tensors with their shape (in shard order, like
+    # read_shard); plain pyarrow sees the shape in the file metadata.
+    ds, *_ = latent_dataset(DataConfig(source="latents", path=str(out), cache="never"))
     batch = ds.take_batch(batch_size=100, batch_format="numpy")
-    assert batch["moments"].shape == (2 * len(GOOD), 2, 4, 8, 8)
+    np.testing.assert_array_equal(batch["moments"], rows["moments"])
     assert json.loads(pq.read_schema(out / manifest["shards"][0]["file"]).metadata[b"dumo_ray.moments_shape"]) == [2, 4, 8, 8]
     assert verify_latents(out, preview=tmp_path / "preview.png")["problems"] == []
     assert Image.open(tmp_path / "preview.png").width > 16
@@ -115,9 +118,14 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, ti
     assert len(pairs) == len(set(pairs)) == 2 * len(GOOD)
     assert manifest2["shards"] == manifest["shards"]  # deterministic: the same bytes again
 
-    # A rerun with other settings is refused rather than mixing two datasets.
+    # A rerun with other settings is refused rather than mixing two datasets; so is one that would add
+    # shards of another schema.
     with pytest.raises(ValueError, match="different settings .*resolution"):
         precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=32, flip=True, shard_size=3)
+    settings = out / "precompute.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "schema_version"}))
+    with pytest.raises(ValueError, match="shard schema 1, this dumo-ray writes schema 2"):
+        precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=4)
 
     # verify-latents notices a corrupted shard.
     path = out / manifest["shards"][0]["file"]
@@ -144,3 +152,40 @@ def test_digits_tree_in_pixel_space(local_ray, tmp_path):
 def test_missing_vae_is_a_clear_error(local_ray, image_tree, tmp_path):
     with pytest.raises(FileNotFoundError, match="could not load the VAE"):
         precompute_latents(str(image_tree), str(tmp_path / "o"), vae=str(tmp_path / "no-such-vae"), resolution=16)
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_training_reads_both_shard_schemas(local_ray, tmp_path, schema):
+    """Schema 2 (one fixed-size binary value a row) is what precompute writes; schema 1 shards (Ray's
+    tensor extension) from earlier versions still read, through read_shard and the trainer's Ray Data read,
+    with and without the mirrored rows."""
+    from ray.data.extensions import ArrowTensorArray
+
+    moments = np.random.default_rng(0).normal(size=(10, 2, 4, 3, 3)).astype(np.float16)
+    labels, flips = np.arange(10), np.arange(10) % 2 == 1
+    table = moments_table([f"k{i}" for i in range(10)], labels, flips, moments)
+    np.testing.assert_array_equal(moments_array(table.column("moments").slice(3, 4), (2, 4, 3, 3)), moments[3:7])
+    if schema == 1:
+        table = table.set_column(3, "moments", ArrowTensorArray.from_numpy(moments))
+    shards = []
+    for index, (start, stop) in enumerate([(0, 6), (6, 10)]):
+        write_shard_table(table.slice(start, stop - start), tmp_path / shard_name(index, 2))
+        shards.append({"file": shard_name(index, 2), "rows": stop - start})
+    (tmp_path / MANIFEST).write_text(json.dumps({
+        "schema_version": schema, "rows": 10, "images": 5, "flip": True, "shards": shards, "latent_shape": [4, 3, 3],
+        "moments_shape": [2, 4, 3, 3], "latent_stats": {"mean": [0.0] * 4, "std": [1.0] * 4}}))
+
+    stored = np.concatenate([read_shard(tmp_path / s["file"])["moments"] for s in shards])
+    np.testing.assert_array_equal(stored, moments)
+    for use_flips, keep in [(True, np.ones(10, bool)), (False, ~flips)]:
+        ds, _, rows, _ = latent_dataset(DataConfig(source="latents", path=str(tmp_path), use_flips=use_flips, cache="never"))
+        batch = ds.take_batch(batch_size=100, batch_format="numpy")
+        assert rows == keep.sum()
+        np.testing.assert_array_equal(batch["moments"], moments[keep])
+        np.testing.assert_array_equal(batch["label"], labels[keep])
+
+
+def test_unknown_schema_is_a_clear_error(tmp_path):
+    (tmp_path / MANIFEST).write_text(json.dumps({"schema_version": 3}))
+    with pytest.raises(ValueError, match="schema version 3, this dumo-ray reads 1 and 2"):
+        load_manifest(tmp_path)

@@ -2,9 +2,11 @@
 
 Each row is one (image, flip): `key` (path relative to the source root), `label` (int64), `flip`
 (bool, True = encoding of the mirrored image) and `moments` (float16, shape (2, C, h, w): the VAE
-posterior mean and std). The moments column is Ray's tensor extension type, so Ray Data reads the
-shape back; its storage is a flat list, and the shape is also in the file metadata
-(`dumo_ray.moments_shape`), so plain pyarrow can read it too (`read_shard`).
+posterior mean and std). Schema 2 stores each row's moments as one fixed-size binary value (the raw
+C-order float16 bytes; the shape is in the manifest and in the file metadata, `dumo_ray.moments_shape`):
+Parquet decodes that as one copy, ~8x faster than schema 1's list of 8,192 float16 values with a
+repetition level each (measured 110,000 vs 13,000 rows/s a core for 2x4x32x32). Schema 1 shards (Ray's
+tensor extension type) still read; `moments_array` turns either column into an (N, 2, C, h, w) array.
 
 With `--vae none` the "moments" are the pixels in [-1, 1] and a zero std: one format for both paths.
 Latents are normalised just in time: z = (mean + std * eps - channel_mean) / channel_std, with the
@@ -22,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SHAPE_KEY = b"dumo_ray.moments_shape"
 COLUMNS = ("key", "label", "flip", "moments")
@@ -33,17 +36,32 @@ def shard_name(index: int, total: int) -> str:
 
 
 def moments_table(keys: list[str], labels: np.ndarray, flips: np.ndarray, moments: np.ndarray) -> pa.Table:
-    """moments: (N, 2, C, h, w) -> a table in the shard schema (float16 moments)."""
-    from ray.data.extensions import ArrowTensorArray
-
+    """moments: (N, 2, C, h, w) -> a table in the shard schema (float16 moments, one binary value a row)."""
     moments = np.ascontiguousarray(moments, dtype=np.float16)
+    row_bytes = int(np.prod(moments.shape[1:])) * moments.itemsize
     table = pa.table({
         "key": pa.array(keys, pa.string()),
         "label": pa.array(np.asarray(labels, dtype=np.int64)),
         "flip": pa.array(np.asarray(flips, dtype=bool)),
-        "moments": ArrowTensorArray.from_numpy(moments),
+        "moments": pa.Array.from_buffers(pa.binary(row_bytes), len(moments), [None, pa.py_buffer(moments)]),
     })
     return table.replace_schema_metadata({SHAPE_KEY: json.dumps(list(moments.shape[1:])).encode()})
+
+
+def moments_array(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    """A shard's moments column, schema 2 (fixed-size binary: no copy) or 1 (tensor extension / list),
+    -> an (N, *shape) float16 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column, pa.ExtensionArray):
+        column = column.storage
+    if pa.types.is_fixed_size_binary(column.type):
+        width = column.type.byte_width
+        flat = np.frombuffer(column.buffers()[1], dtype=np.float16, count=len(column) * width // 2,
+                             offset=column.offset * width)
+    else:
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(column), *shape)
 
 
 def write_shard_table(table: pa.Table, path: str | Path) -> None:
@@ -59,14 +77,11 @@ def read_shard(path: str | Path) -> dict[str, Any]:
     """Plain pyarrow: {"key": list, "label": (N,), "flip": (N,), "moments": (N, 2, C, h, w) float16}."""
     table = pq.read_table(path)
     shape = json.loads(table.schema.metadata[SHAPE_KEY])
-    column = table.column("moments").combine_chunks()
-    storage = column.storage if isinstance(column, pa.ExtensionArray) else column
-    flat = storage.flatten().to_numpy(zero_copy_only=False)
     return {
         "key": table.column("key").to_pylist(),
         "label": table.column("label").to_numpy(),
         "flip": table.column("flip").to_numpy(zero_copy_only=False),
-        "moments": flat.reshape(len(table), *shape),
+        "moments": moments_array(table.column("moments"), shape),
     }
 
 
@@ -83,8 +98,9 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {root} the output folder of `dumo-ray precompute`?")
     manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path} has schema version {manifest.get('schema_version')}, this dumo-ray reads {SCHEMA_VERSION}")
+    if manifest.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"{path} has schema version {manifest.get('schema_version')}, this dumo-ray reads "
+                         f"{' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
     return manifest
 
 
@@ -110,6 +126,7 @@ def sample_normalized(moments: torch.Tensor, channel_mean: torch.Tensor, channel
     """(N, 2, C, h, w) moments -> (N, C, h, w) normalised latent sample, fp32."""
     moments = moments.float()
     mean, std = moments[:, 0], moments[:, 1]
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
-    z = mean + std * eps
-    return (z - channel_mean.view(1, -1, 1, 1)) / channel_std.view(1, -1, 1, 1)
+    z = torch.randn(mean.shape, generator=generator, device=mean.device)
+    # In place on the fresh noise tensor: this runs on every batch on the CPU when training there.
+    z.mul_(std).add_(mean)
+    return z.sub_(channel_mean.view(1, -1, 1, 1)).div_(channel_std.view(1, -1, 1, 1))

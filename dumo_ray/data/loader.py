@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from dumo_ray.config import DataConfig
-from dumo_ray.data.latents import load_manifest, sample_normalized
+from dumo_ray.data.latents import load_manifest, moments_array, sample_normalized
 from dumo_ray.seeding import derive_seed, generator
 from dumo_ray.train.batch_plan import BatchPlan
 
@@ -31,9 +33,15 @@ from dumo_ray.train.batch_plan import BatchPlan
 CACHE_LIMIT_BYTES = 2 * 2**30
 
 
-def _drop_flipped(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keep = ~batch["flip"].astype(bool)
-    return {k: v[keep] for k, v in batch.items()}
+def _training_rows(batch: pa.Table, shape: tuple[int, ...], drop_flipped: bool) -> pa.Table:
+    """Runs inside the read tasks: optionally drops the mirrored rows, and turns the moments column into
+    Ray's tensor type so that batches arrive as (N, *shape) tensors."""
+    from ray.data.extensions import ArrowTensorArray
+
+    if drop_flipped:
+        batch = batch.filter(pc.invert(batch.column("flip")))
+    index = batch.schema.get_field_index("moments")
+    return batch.set_column(index, "moments", ArrowTensorArray.from_numpy(moments_array(batch.column("moments"), shape)))
 
 
 def latent_dataset(cfg: DataConfig):
@@ -45,11 +53,11 @@ def latent_dataset(cfg: DataConfig):
     # order otherwise). The setting is captured when the read is planned, so it is set before it.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     files = [str(Path(cfg.path) / s["file"]) for s in manifest["shards"]]
-    ds = ray.data.read_parquet(files, columns=["label", "flip", "moments"])
-    rows = manifest["rows"]
-    if not cfg.use_flips and manifest["flip"]:
-        ds = ds.map_batches(_drop_flipped, batch_format="numpy")
-        rows = manifest["images"]
+    drop_flipped = not cfg.use_flips and manifest["flip"]
+    ds = ray.data.read_parquet(files, columns=["label", "flip", "moments"]).map_batches(
+        _training_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+        fn_kwargs=dict(shape=tuple(manifest["moments_shape"]), drop_flipped=drop_flipped))
+    rows = manifest["images"] if drop_flipped else manifest["rows"]
     size = rows * int(np.prod(manifest["moments_shape"])) * 2  # float16 moments
     cached = cfg.cache == "always" or (cfg.cache == "auto" and size < CACHE_LIMIT_BYTES)
     if cached:
