@@ -1,6 +1,7 @@
 """Ray Train (V2) + DeepSpeed on CPU with gloo: 2 workers on a real local Ray, real Parquet latents (the
 digits, precomputed in pixel space), real MLflow (sqlite). These tests take a few minutes."""
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,19 @@ def test_three_workers_uneven_shares_and_gradient_accumulation(digits_latents, t
     assert result.metrics["images"] == 320 and result.metrics["step"] == 10
     assert result.metrics["rank_param_max_diff"] == 0.0  # DeepSpeed kept the three replicas identical
     assert "global batch 32 = 3 workers x 11/10 (2 accumulated micro-batches of <= 6)" in capfd.readouterr().out
+
+    # The same run continued by 2 workers on the node: the ZeRO state saved by 3 is converted to the
+    # universal format once for the node (local rank 0), the other worker waits for it and loads it too.
+    more = tiny_config(digits_latents, tmp_path, "uneven", "optim.micro_batch_size=6", "train.total_images=480",
+                       "tracking.enabled=false")
+    result = fit(more)
+    assert result.error is None and result.metrics["images"] == 480 and result.metrics["step"] == 15
+    assert result.metrics["rank_param_max_diff"] == 0.0
+    out = capfd.readouterr().out
+    assert "worker count changed 3 -> 2: global batch 32 = 3 workers x 11/10" in out
+    conversions = [line for line in out.splitlines() if "converted to DeepSpeed's universal format" in line]
+    assert len(conversions) == 1 and "for the node's 2 workers" in conversions[0] and "repeated" not in conversions[0]
+    assert not list(Path(tempfile.gettempdir()).glob("dumo-universal-*"))  # the converter cleaned up
 
 
 def test_model_must_match_the_latents(digits_latents, tmp_path):

@@ -4,16 +4,22 @@ ZeRO partitions the optimizer state over the data-parallel ranks, and DeepSpeed 
 checkpoint saved by a different number of ranks. Its universal checkpoint format stores every
 parameter's fp32 weight and Adam moments whole; a run that resumes at another world size converts the
 saved checkpoint with DeepSpeed's own `ds_to_universal` and loads that (config `load_universal`), which
-re-partitions the state for the new ranks.
+re-partitions the state for the new ranks. The conversion runs once per node (`universal_copy_on_node`):
+it holds whole fp32 parameters and Adam moments in host memory, and eight workers of a node converting
+DuMo-XL/2's ~8 GB of optimizer state side by side would need eight times that.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import re
+import shutil
+import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Iterator
 
 OPTIMIZER_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
@@ -38,3 +44,29 @@ def convert_to_universal(tag_dir: str | Path, out_dir: str | Path) -> float:
     with contextlib.redirect_stdout(io.StringIO()):
         ds_to_universal.main(args)
     return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def universal_copy_on_node(tag_dir: Path, key: str, converts: bool) -> Iterator[tuple[Path, float | None]]:
+    """Yields (folder holding the universal form of `tag_dir` under the same tag name, seconds the
+    conversion took or None). The worker with `converts` (local rank 0) writes it into a node-local
+    folder named after `key` (the checkpoint and the new world size, the same on every worker); all
+    workers wait for it at a barrier, load, and meet again before the converter deletes it."""
+    import torch.distributed as dist
+
+    def barrier():
+        if dist.is_initialized():
+            dist.barrier()
+
+    folder = Path(tempfile.gettempdir()) / f"dumo-universal-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    seconds = None
+    try:
+        if converts:
+            shutil.rmtree(folder, ignore_errors=True)  # left by an attempt that died mid-conversion
+            seconds = convert_to_universal(tag_dir, folder / Path(tag_dir).name)
+        barrier()
+        yield folder, seconds
+        barrier()
+    finally:
+        if converts:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -30,7 +30,7 @@ from dumo_ray.train.batch_plan import BatchPlan, workers_phrase
 from dumo_ray.train.ema import EMA
 from dumo_ray.train.loop import (Progress, StatusLine, build_model_from_config, build_optimizer,
                                  evaluation_due, resolve_precision, round_to_batch, run_steps, write_sample_grids)
-from dumo_ray.train.reshard import convert_to_universal, saved_world_size
+from dumo_ray.train.reshard import saved_world_size, universal_copy_on_node
 from dumo_ray.vae import LatentDecoder
 
 DS_TAG = "deepspeed"
@@ -108,13 +108,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             saved_world = saved_world_size(directory / DS_TAG)
             if saved_world != world:
                 # Saved by another number of workers (a node was lost or added): reshard through
-                # DeepSpeed's universal checkpoint.
-                load_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dumo-universal-")))
-                seconds = convert_to_universal(directory / DS_TAG, load_dir / DS_TAG)
+                # DeepSpeed's universal checkpoint, converted once per node.
+                load_dir, seconds = stack.enter_context(universal_copy_on_node(
+                    directory / DS_TAG, f"{checkpoint.path}|{world}", converts=ctx.get_local_rank() == 0))
+                if seconds is not None:
+                    print(f"[dumo-ray] node {ray.get_runtime_context().get_node_id()[:8]}: ZeRO state converted to "
+                          f"DeepSpeed's universal format in {seconds:.1f} s for the node's "
+                          f"{workers_phrase(ctx.get_local_world_size())}", flush=True)
                 before = BatchPlan(cfg.optim.batch_size, saved_world, 0, cfg.optim.micro_batch_size)
                 log(rank, f"worker count changed {saved_world} -> {world}: {before.describe()} becomes "
-                          f"{plan.describe()}; ZeRO state converted to DeepSpeed's universal format in "
-                          f"{seconds:.1f} s and resharded")
+                          f"{plan.describe()}; ZeRO state resharded from DeepSpeed's universal format")
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                config=deepspeed_config(cfg, plan, load_universal=saved_world != world))
         if directory is not None:
