@@ -132,8 +132,12 @@ def test_three_workers_uneven_shares_and_gradient_accumulation(digits_latents, t
     result = fit(more)
     assert result.error is None and result.metrics["images"] == 480 and result.metrics["step"] == 15
     assert result.metrics["rank_param_max_diff"] == 0.0
-    out = capfd.readouterr().out
-    assert "worker count changed 3 -> 2: global batch 32 = 3 workers x 11/10" in out
+    captured = capfd.readouterr()
+    out, lines = captured.out, (captured.out + captured.err).splitlines()
+    # Each line reaches the driver once (Ray Train's patched print sent it to stdout and, through its
+    # logger, to stderr).
+    assert sum("worker count changed 3 -> 2: global batch 32 = 3 workers x 11/10" in line for line in lines) == 1
+    assert sum("[dumo-ray] images 480 |" in line for line in lines) == 1
     conversions = [line for line in out.splitlines() if "converted to DeepSpeed's universal format" in line]
     assert len(conversions) == 1 and "for the node's 2 workers" in conversions[0] and "repeated" not in conversions[0]
     assert not list(Path(tempfile.gettempdir()).glob("dumo-universal-*"))  # the converter cleaned up

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from dumo_ray.config import Config, save_config
+from dumo_ray.console import say
 from dumo_ray.eval.in_training import TrainingEvaluator, check_eval_inputs, format_scores
 from dumo_ray.data.batches import epoch_batches
 from dumo_ray.data.digits import load_digits_tensors
@@ -96,8 +97,7 @@ class StatusLine:
                    step_time_s=elapsed / max(self.steps, 1))
         terms = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("images", "images_per_s", "step_time_s"))
         if self.verbose:
-            print(f"[dumo-ray] images {images:,} | {row['images_per_s']:.1f} img/s | {row['step_time_s'] * 1000:.0f} ms/step | {terms}",
-                  flush=True)
+            say(f"images {images:,} | {row['images_per_s']:.1f} img/s | {row['step_time_s'] * 1000:.0f} ms/step | {terms}")
         if self.metrics_path is not None:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -225,10 +225,10 @@ def train_single_process(cfg: Config) -> dict[str, Any]:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(step=int(state["step"]), images=int(state["images"]))
-        print(f"[dumo-ray] resuming from {resume} (image {progress.images:,}, step {progress.step:,})", flush=True)
+        say(f"resuming from {resume} (image {progress.images:,}, step {progress.step:,})")
 
-    print(f"[dumo-ray] {cfg.model.preset}: {count_parameters(model):,} parameters | objective {cfg.objective.name} "
-          f"| {device} {precision} | batch {cfg.optim.batch_size} | {cfg.train.total_images:,} images", flush=True)
+    say(f"{cfg.model.preset}: {count_parameters(model):,} parameters | objective {cfg.objective.name} "
+        f"| {device} {precision} | batch {cfg.optim.batch_size} | {cfg.train.total_images:,} images")
 
     x, y = load_digits_tensors()
     batches = epoch_batches(x, y, cfg.optim.batch_size, cfg.train.seed, start_image=progress.images)
@@ -248,7 +248,7 @@ def train_single_process(cfg: Config) -> dict[str, Any]:
             write_sample_grids(ema.module, cfg, out / "samples", f"images_{images:012d}")
         if evaluate.enabled and evaluation_due(cfg, images):
             evaluations[images] = evaluate(ema.module)
-            print(f"[dumo-ray] eval at image {images:,}: {format_scores(evaluations[images])}", flush=True)
+            say(f"eval at image {images:,}: {format_scores(evaluations[images])}")
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"images": images, **evaluations[images]}) + "\n")
 
@@ -264,5 +264,5 @@ def train_single_process(cfg: Config) -> dict[str, Any]:
     if evaluate.enabled:
         summary.update(evaluations.get(progress.images) or evaluate(ema.module))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("[dumo-ray] done: " + json.dumps(summary), flush=True)
+    say("done: " + json.dumps(summary))
     return summary

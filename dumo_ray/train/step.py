@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
+from dumo_ray.console import say
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a NaN/Inf loss or gradient."""
@@ -26,8 +28,8 @@ class NonFiniteGuard:
             return
         self.in_a_row += 1
         self.total += 1
-        print(f"[dumo-ray] non-finite loss or gradient at image {images}: step skipped "
-              f"({self.in_a_row} in a row, {self.total} in all)", flush=True)
+        say(f"non-finite loss or gradient at image {images}: step skipped "
+            f"({self.in_a_row} in a row, {self.total} in all)")
         if self.in_a_row >= self.limit:
             raise NonFiniteError(f"{self.in_a_row} consecutive steps had a NaN/Inf loss or gradient "
                                  f"(last at image {images}); stopping. The last good checkpoint is kept.")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dumo_ray.config import config_from_dict
+from dumo_ray.console import say
 from dumo_ray.data.loader import LatentBatches
 from dumo_ray.eval.in_training import TrainingEvaluator, format_scores
 from dumo_ray.export import export_ema
@@ -66,7 +67,7 @@ def worker_nodes(world: int) -> list[str]:
 
 def log(rank: int, message: str) -> None:
     if rank == 0:
-        print(f"[dumo-ray] {message}", flush=True)
+        say(message)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -112,9 +113,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 load_dir, seconds = stack.enter_context(universal_copy_on_node(
                     directory / DS_TAG, f"{checkpoint.path}|{world}", converts=ctx.get_local_rank() == 0))
                 if seconds is not None:
-                    print(f"[dumo-ray] node {ray.get_runtime_context().get_node_id()[:8]}: ZeRO state converted to "
-                          f"DeepSpeed's universal format in {seconds:.1f} s for the node's "
-                          f"{workers_phrase(ctx.get_local_world_size())}", flush=True)
+                    say(f"node {ray.get_runtime_context().get_node_id()[:8]}: ZeRO state converted to DeepSpeed's "
+                        f"universal format in {seconds:.1f} s for the node's {workers_phrase(ctx.get_local_world_size())}")
                 before = BatchPlan(cfg.optim.batch_size, saved_world, 0, cfg.optim.micro_batch_size)
                 log(rank, f"worker count changed {saved_world} -> {world}: {before.describe()} becomes "
                           f"{plan.describe()}; ZeRO state resharded from DeepSpeed's universal format")
