@@ -86,9 +86,9 @@ def precompute_latents(
         raise ValueError(f"no files found under {source}/<class>/")
     output.mkdir(parents=True, exist_ok=True)
     geometry = _latent_geometry(vae, resolution, mode)
-    settings = {"schema_version": SCHEMA_VERSION, "source_root": str(source), "vae": geometry["id"], "vae_config_hash": geometry["config_hash"],
-                "resolution": resolution, "flip": flip, "limit": limit, "shard_size": shard_size, "mode": mode,
-                "max_pixels": max_pixels, "files": len(records)}
+    settings = {"schema_version": SCHEMA_VERSION, "source_root": str(source), "vae": geometry["id"],
+                "vae_config_hash": geometry["config_hash"], "resolution": resolution, "flip": flip, "limit": limit,
+                "shard_size": shard_size, "mode": mode, "max_pixels": max_pixels, "files": len(records)}
     _check_settings(output, settings)
 
     num_shards = math.ceil(len(records) / shard_size)

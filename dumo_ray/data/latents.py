@@ -57,8 +57,8 @@ def moments_array(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) ->
         column = column.storage
     if pa.types.is_fixed_size_binary(column.type):
         width = column.type.byte_width
-        flat = np.frombuffer(column.buffers()[1], dtype=np.float16, count=len(column) * width // 2,
-                             offset=column.offset * width)
+        flat = np.frombuffer(column.buffers()[1], dtype=np.float16,
+                             count=len(column) * width // np.dtype(np.float16).itemsize, offset=column.offset * width)
     else:
         flat = column.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(len(column), *shape)
