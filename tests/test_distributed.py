@@ -63,6 +63,8 @@ def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path)
     mse = history(cfg.tracking.uri, run_id, "mse_v")
     assert len(mse) == 5 and mse[-1] < 0.85 * mse[0]  # the loss falls
     assert "samples/final_1step.png" in summary["artifacts"] and "ema_export/model.safetensors" in summary["artifacts"]
+    # The grids also stay with the run (rank 0 only writes them; nothing is left in the temp folder).
+    assert {p.name for p in (Path(cfg.run_dir) / "samples").iterdir()} == {"final_1step.png", "final_2step.png"}
     # FD-digits and class accuracy at 1 and 2 steps over training: at images 256, 512 and the end (640).
     for key in ("fd_1step", "fd_2step", "accuracy_1step", "accuracy_2step"):
         assert len(history(cfg.tracking.uri, run_id, key)) == 3

@@ -40,16 +40,38 @@ STATE_FILE = "state.json"
 FAILURE_MARKER = ".injected-failure-done"
 
 
-def write_export(run_dir: str, ema_state, cfg, latent_info) -> str:
-    """The consolidated EMA export in `<run_dir>/export`; for s3:// or gs:// storage it is written locally
-    and copied up with pyarrow's filesystems."""
-    if "://" not in run_dir:
-        return str(export_ema(Path(run_dir) / "export", ema_state, cfg, latent_info))
+def copy_to_storage(local: Path, uri: str) -> None:
+    """Copy a local file or folder to `uri` (s3://, gs://, file://, ...) with pyarrow's filesystems; the
+    destination's parent folders are created first (a no-op on object stores, needed on the others)."""
     import pyarrow.fs
 
-    local = export_ema(Path(tempfile.mkdtemp(prefix="dumo-export-")) / "export", ema_state, cfg, latent_info)
-    pyarrow.fs.copy_files(str(local), f"{run_dir}/export")
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    filesystem.create_dir(path if local.is_dir() else path.rsplit("/", 1)[0], recursive=True)
+    pyarrow.fs.copy_files(str(local), path, destination_filesystem=filesystem)
+
+
+def write_export(run_dir: str, ema_state, cfg, latent_info) -> str:
+    """The consolidated EMA export in `<run_dir>/export`; for s3:// or gs:// storage it is written locally
+    and copied up."""
+    if "://" not in run_dir:
+        return str(export_ema(Path(run_dir) / "export", ema_state, cfg, latent_info))
+    with tempfile.TemporaryDirectory(prefix="dumo-export-") as staging:
+        copy_to_storage(export_ema(Path(staging) / "export", ema_state, cfg, latent_info), f"{run_dir}/export")
     return f"{run_dir}/export"
+
+
+@contextlib.contextmanager
+def sample_grid_folder(run_dir: str):
+    """Where rank 0 writes its sample grids: `<run_dir>/samples`, kept with the run (with or without
+    MLflow). For s3:// or gs:// storage a local staging folder, copied up after each grid and removed at
+    the end; yields (local folder, function that publishes one written file)."""
+    if "://" not in run_dir:
+        folder = Path(run_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder, lambda path: None
+        return
+    with tempfile.TemporaryDirectory(prefix="dumo-grids-") as staging:
+        yield Path(staging), lambda path: copy_to_storage(Path(path), f"{run_dir}/samples/{Path(path).name}")
 
 
 def worker_nodes(world: int) -> list[str]:
@@ -144,12 +166,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     evaluate = TrainingEvaluator(cfg, decode=decoder, device=device, rank=rank, world=world)
     latest_eval: dict[str, float] = {}  # repeated in every report, so a scheduler always sees the metric
     run_dir = Path(cfg.run_dir)
-    grid_dir = Path(tempfile.mkdtemp(prefix="dumo-grids-"))
+    grids = contextlib.ExitStack()
+    grid_dir, publish_grid = grids.enter_context(sample_grid_folder(cfg.run_dir)) if rank == 0 else (None, None)
 
     def sample_grids(tag: str) -> None:
         paths = write_sample_grids(ema.module, cfg, grid_dir, tag, decode=decoder)
-        if tracker is not None:
-            for path in paths.values():
+        for path in paths.values():
+            publish_grid(path)
+            if tracker is not None:
                 tracker.log_artifact(path, "samples")
 
     def update_ema(step: int) -> None:
@@ -195,13 +219,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 marker.write_text(str(p.images))
                 raise RuntimeError(f"injected failure at image {p.images} (train.fail_once_at_images)")
 
-    batches = iter(LatentBatches(
-        ray.train.get_dataset_shard("train"), plan=plan, rows=loop_config["rows"],
-        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        channel_mean=torch.tensor(latent_info["channel_mean"]), channel_std=torch.tensor(latent_info["channel_std"]),
-        device=device, start_step=progress.step, in_memory=loop_config["cached"]))
-    status = StatusLine(progress.images, verbose=rank == 0)
     try:
+        batches = iter(LatentBatches(
+            ray.train.get_dataset_shard("train"), plan=plan, rows=loop_config["rows"],
+            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            channel_mean=torch.tensor(latent_info["channel_mean"]), channel_std=torch.tensor(latent_info["channel_std"]),
+            device=device, start_step=progress.step, in_memory=loop_config["cached"]))
+        status = StatusLine(progress.images, verbose=rank == 0)
         run_steps(cfg=cfg, model=engine, objective=objective, stepper=DeepSpeedStepper(engine), update_ema=update_ema,
                   batches=batches, progress=progress, device=device, precision=precision, rank=rank,
                   on_log=on_log, on_checkpoint=on_checkpoint, on_step=on_step, status=status)
@@ -217,6 +241,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker = None
         raise
     finally:
+        grids.close()
         if tracker is not None:
             tracker.end()
 
