@@ -5,7 +5,9 @@
 
 Prints a table (ms/step, images/s, ratio to flow matching, peak memory, model FLOPs utilisation) and
 writes it as JSON (--json). On CUDA the main pass runs in bf16 with the fused (flash) attention and
-the JVP in fp32 with the math kernel; the script first checks both kernels are usable.
+the JVP in fp32 with the math kernel, compiled with torch.compile (`objective.compile_jvp: auto`; the
+"eager JVP" row turns it off); the script first checks the kernels are usable and the compiled JVP
+equals the eager one.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from report import report
 
 from dumo_ray.config import ObjectiveConfig
 from dumo_ray.flow import build_objective, u_and_dudt
+from dumo_ray.flow.jvp import resolve_compile_jvp
 from dumo_ray.models import count_parameters
 
 # Dense bf16 peak of the card, for the utilisation column (vendor figures).
@@ -38,12 +41,13 @@ VARIANTS = {
     "meanflow": dict(name="meanflow"),
     "dumo (guidance off)": dict(name="dumo", cfg_w=1.0, cfg_k=0.0),
     "dumo (guidance on)": dict(name="dumo"),
+    "dumo eager JVP": dict(name="dumo", compile_jvp="off"),
     "dumo dual numbers": dict(name="dumo", estimator="dual"),
     "dumo finite-diff": dict(name="dumo", estimator="finite_difference"),
 }
 # Forward-equivalents each step executes (fwd = 1, fwd+bwd = 3, JVP ~ 2), for the "all passes" column.
 PASSES = {"flow_matching": 3, "meanflow": 3 + 2, "dumo (guidance off)": 3 + 1 + 2, "dumo (guidance on)": 3 + 2 + 2,
-          "dumo dual numbers": 3 + 2 + 2, "dumo finite-diff": 3 + 2 + 1}
+          "dumo eager JVP": 3 + 2 + 2, "dumo dual numbers": 3 + 2 + 2, "dumo finite-diff": 3 + 2 + 1}
 
 
 def check_kernels(model, device, batch: int) -> dict[str, str]:
@@ -58,9 +62,16 @@ def check_kernels(model, device, batch: int) -> dict[str, str]:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             v, _ = model(x, t, t * 0.5, y)
         found["plain pass on flash attention (bf16)"] = f"ok, output {v.dtype}"
+    tangent = torch.randn_like(x)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        v, u, dudt = u_and_dudt(model, x, t, t * 0.5, y, torch.randn_like(x))
-    found["JVP (fp32, math attention)"] = f"dudt {dudt.dtype}, finite={bool(torch.isfinite(dudt).all())}"
+        v, u, dudt = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="off")
+        found["JVP (fp32, math attention)"] = f"dudt {dudt.dtype}, finite={bool(torch.isfinite(dudt).all())}"
+        if resolve_compile_jvp("auto", device):
+            start = time.perf_counter()
+            _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="on")
+            error = float((compiled - dudt).norm() / dudt.norm())
+            found["compiled JVP (objective.compile_jvp)"] = (f"first call {time.perf_counter() - start:.0f} s "
+                                                             f"(compiles), relative error vs eager {error:.2e}")
     return found
 
 
@@ -102,7 +113,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"# {args.preset} ({count_parameters(model) / 1e6:.1f}M params), batch {args.batch}, {name}, {precision}, "
           f"torch {torch.__version__}")
-    for check, result in check_kernels(model, device, min(args.batch, 8)).items():
+    # The checks run at the timed batch size: the compiled JVP is then compiled once, for both.
+    for check, result in check_kernels(model, device, args.batch).items():
         print(f"# check: {check}: {result}")
 
     data = {"x0": torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device),

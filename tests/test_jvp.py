@@ -77,3 +77,29 @@ def test_dual_number_estimator_equals_functorch_jvp(setting):
     torch.testing.assert_close(u_dual, u)
     assert u_dual.requires_grad and not dual.requires_grad
 
+
+
+def test_compiled_jvp_pass_equals_the_eager_one(random_micro_model):
+    """`objective.compile_jvp` (auto = on for CUDA) fuses the tangent pass with torch.compile; forced on
+    here, on the CPU, it must give the eager derivative and leave v and u with their gradients. Also under
+    bf16 autocast, where the JVP must stay fp32."""
+    g = torch.Generator().manual_seed(2)
+    x, tangent = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.5, 0.0]), torch.tensor([0, 3, 7, 10])
+    v, u, eager = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="off")
+    v_c, u_c, compiled = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="on")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(u_c, u)
+    assert u_c.requires_grad and v_c.requires_grad and not compiled.requires_grad
+    assert rel_err(eager, torch.zeros_like(eager) + eager.mean()) > 0.1  # a real, non-constant derivative
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, u_bf16, compiled_bf16 = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="on")
+    assert compiled_bf16.dtype == torch.float32 and u_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled_bf16, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_jvp_auto_is_on_for_cuda_only():
+    from dumo_ray.flow.jvp import resolve_compile_jvp
+
+    assert resolve_compile_jvp("auto", torch.device("cuda")) and not resolve_compile_jvp("auto", torch.device("cpu"))
+    assert resolve_compile_jvp("on", torch.device("cpu")) and not resolve_compile_jvp("off", torch.device("cuda"))
