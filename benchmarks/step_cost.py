@@ -41,7 +41,7 @@ VARIANTS = {
     "meanflow": dict(name="meanflow"),
     "dumo (guidance off)": dict(name="dumo", cfg_w=1.0, cfg_k=0.0),
     "dumo (guidance on)": dict(name="dumo"),
-    "dumo eager JVP": dict(name="dumo", compile_jvp="off"),
+    "dumo eager JVP": dict(name="dumo", compile_jvp="never"),
     "dumo dual numbers": dict(name="dumo", estimator="dual"),
     "dumo finite-diff": dict(name="dumo", estimator="finite_difference"),
 }
@@ -64,14 +64,15 @@ def check_kernels(model, device, batch: int) -> dict[str, str]:
         found["plain pass on flash attention (bf16)"] = f"ok, output {v.dtype}"
     tangent = torch.randn_like(x)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        v, u, dudt = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="off")
+        v, u, dudt = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="never")
         found["JVP (fp32, math attention)"] = f"dudt {dudt.dtype}, finite={bool(torch.isfinite(dudt).all())}"
         if resolve_compile_jvp("auto", device):
             start = time.perf_counter()
-            _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="on")
-            error = float((compiled - dudt).norm() / dudt.norm())
+            _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="always")
+            # dudt is exactly 0 at initialisation (zero-initialised u-head): benchmarks/check_compiled_jvp.py
+            # compares on random weights.
             found["compiled JVP (objective.compile_jvp)"] = (f"first call {time.perf_counter() - start:.0f} s "
-                                                             f"(compiles), relative error vs eager {error:.2e}")
+                                                             f"(compiles), finite={bool(torch.isfinite(compiled).all())}")
     return found
 
 

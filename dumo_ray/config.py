@@ -72,7 +72,7 @@ class ObjectiveConfig:
     tangent: str = "v_hat"  # v_hat: stopgrad(v-head) | v_target: the (guided) velocity target
     estimator: str = "jvp"  # jvp (torch.func) | dual (forward-mode dual numbers) | finite_difference
     fd_step: float = 5e-3
-    compile_jvp: str = "auto"  # auto (on CUDA) | on | off: torch.compile the jvp estimator's pass
+    compile_jvp: str = "auto"  # auto (on CUDA) | always | never: torch.compile the jvp estimator's pass
     time_sampler: str = "logit_normal"  # logit_normal | uniform
     time_mean: float = -0.4
     time_std: float = 1.0
@@ -96,7 +96,7 @@ class ObjectiveConfig:
         _choice("objective", "name", self.name, ("dumo", "meanflow", "flow_matching"))
         _choice("objective", "tangent", self.tangent, ("v_hat", "v_target"))
         _choice("objective", "estimator", self.estimator, ("jvp", "dual", "finite_difference"))
-        _choice("objective", "compile_jvp", self.compile_jvp, ("auto", "on", "off"))
+        _choice("objective", "compile_jvp", self.compile_jvp, ("auto", "always", "never"))
         _choice("objective", "time_sampler", self.time_sampler, ("logit_normal", "uniform"))
         _positive("objective", "fd_step", self.fd_step)
         _positive("objective", "time_std", self.time_std)

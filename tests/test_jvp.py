@@ -83,17 +83,20 @@ def test_compiled_jvp_pass_equals_the_eager_one(random_micro_model):
     """`objective.compile_jvp` (auto = on for CUDA) fuses the tangent pass with torch.compile; forced on
     here, on the CPU, it must give the eager derivative and leave v and u with their gradients. Also under
     bf16 autocast, where the JVP must stay fp32."""
+    from dumo_ray.flow.jvp import compiled_dudt
+
     g = torch.Generator().manual_seed(2)
     x, tangent = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.5, 0.0]), torch.tensor([0, 3, 7, 10])
-    v, u, eager = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="off")
-    v_c, u_c, compiled = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="on")
+    v, u, eager = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="never")
+    v_c, u_c, compiled = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="always")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert compiled_dudt.verified and not compiled_dudt.disabled  # its one-time check against eager passed
     torch.testing.assert_close(u_c, u)
     assert u_c.requires_grad and v_c.requires_grad and not compiled.requires_grad
     assert rel_err(eager, torch.zeros_like(eager) + eager.mean()) > 0.1  # a real, non-constant derivative
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, u_bf16, compiled_bf16 = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="on")
+        _, u_bf16, compiled_bf16 = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="always")
     assert compiled_bf16.dtype == torch.float32 and u_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(compiled_bf16, eager, rtol=1e-4, atol=1e-5)
 
@@ -102,4 +105,28 @@ def test_compile_jvp_auto_is_on_for_cuda_only():
     from dumo_ray.flow.jvp import resolve_compile_jvp
 
     assert resolve_compile_jvp("auto", torch.device("cuda")) and not resolve_compile_jvp("auto", torch.device("cpu"))
-    assert resolve_compile_jvp("on", torch.device("cpu")) and not resolve_compile_jvp("off", torch.device("cuda"))
+    assert resolve_compile_jvp("always", torch.device("cpu")) and not resolve_compile_jvp("never", torch.device("cuda"))
+
+
+@torch.no_grad()  # as u_and_dudt calls it
+def test_a_compiled_jvp_that_disagrees_with_eager_is_turned_off(random_micro_model):
+    """The one-time check: a wrong compiled result (here a stand-in for a compiler fault) is caught on the
+    first call with a non-zero derivative, warned about, replaced by the eager result, and not used again."""
+    from dumo_ray.flow.jvp import CompiledDudt, dudt_pass
+
+    g = torch.Generator().manual_seed(3)
+    x, tangent = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    t, r, y = torch.tensor([0.9, 0.4]), torch.tensor([0.1, 0.2]), torch.tensor([1, 5])
+    eager = dudt_pass(random_micro_model, x, t, r, y, tangent)
+    checked = CompiledDudt()
+    checked.compiled = lambda *args: 1.5 * dudt_pass(*args)
+    with pytest.warns(UserWarning, match="differs from the eager one"):
+        torch.testing.assert_close(checked(random_micro_model, x, t, r, y, tangent), eager)
+    assert checked.disabled
+    torch.testing.assert_close(checked(random_micro_model, x, t, r, y, tangent), eager)
+
+    # A derivative that is exactly zero (a freshly initialised u-head) proves nothing: checked later.
+    waiting = CompiledDudt()
+    waiting.compiled = lambda model, x_t, *rest: torch.zeros_like(x_t)
+    zero_model = lambda x_t, t_, r_, y_: (x_t * 0, x_t * 0)  # noqa: E731
+    assert not waiting(zero_model, x, t, r, y, tangent).any() and not waiting.verified and not waiting.disabled

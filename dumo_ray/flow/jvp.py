@@ -15,13 +15,15 @@ Estimators:
 - `finite_difference`: [u(x_t, r, t) - u(x_t - h*tau, r, t - h)] / h under no-grad; works where
   forward-mode AD does not (e.g. DeepSpeed ZeRO-3).
 
-The JVP stays in fp32 under bf16 autocast: measured on an H200 (benchmarks/profile_jvp.py), a bf16 JVP of
-DuMo-XL/2 is only 12% faster (its time is in unfused elementwise tangent ops, not in matmuls) and its
-output was NaN at initialisation. Those elementwise tangent ops are what `torch.compile` fuses:
+The JVP stays in fp32 under bf16 autocast: measured on an H200 (benchmarks/profile_jvp.py), an eager bf16
+JVP of DuMo-XL/2 is only 12% faster (its time is in unfused elementwise tangent ops, not in matmuls),
+not worth its lost precision. Those elementwise tangent ops are what `torch.compile` fuses:
 `compile_jvp` (auto = on CUDA) runs the `jvp` estimator's pass, without a graph, through a compiled
 function (compiled once per model and input shape; the first step pays the compile).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -60,21 +62,49 @@ def dudt_pass(model: nn.Module, x_t, t, r, y, tangent, jvp=torch.func.jvp) -> to
     return dudt
 
 
-_compiled_dudt_pass = None
+class CompiledDudt:
+    """`dudt_pass` through torch.compile (made on first use), checked once against the eager pass.
+
+    A compiler fault here would corrupt every flow-map target without any error, so the first call with
+    a non-zero derivative (at initialisation the zero-initialised u-head makes dudt exactly 0, which
+    proves nothing) also runs the eager pass: a relative difference above `tolerance` (TF32 and kernel
+    order account for ~1e-4; a wrong graph for O(1)) or a non-finite value turns compiling off for this
+    process, with a warning."""
+
+    tolerance = 1e-2
+
+    def __init__(self):
+        self.compiled = None
+        self.verified = False
+        self.disabled = False
+
+    def __call__(self, model: nn.Module, x_t, t, r, y, tangent) -> torch.Tensor:
+        if self.disabled:
+            return dudt_pass(model, x_t, t, r, y, tangent)
+        if self.compiled is None:
+            self.compiled = torch.compile(dudt_pass, dynamic=False)
+        dudt = self.compiled(model, x_t, t, r, y, tangent)
+        if not self.verified:
+            eager = dudt_pass(model, x_t, t, r, y, tangent)
+            scale = float(eager.norm())
+            if scale > 0 or not torch.isfinite(dudt).all():
+                error = float((dudt - eager).norm()) / max(scale, 1e-30)
+                self.verified = True
+                if not error <= self.tolerance:  # also catches NaN
+                    self.disabled = True
+                    warnings.warn(f"objective.compile_jvp: the compiled JVP differs from the eager one (relative "
+                                  f"error {error:.3g} > {self.tolerance}); using the eager pass in this process")
+                    return eager
+        return dudt
 
 
-def compiled_dudt_pass():
-    """`dudt_pass` through torch.compile, made on first use (compiling costs nothing until then)."""
-    global _compiled_dudt_pass
-    if _compiled_dudt_pass is None:
-        _compiled_dudt_pass = torch.compile(dudt_pass, dynamic=False)
-    return _compiled_dudt_pass
+compiled_dudt = CompiledDudt()
 
 
 def resolve_compile_jvp(setting: str, device: torch.device) -> bool:
-    """`objective.compile_jvp`: on | off | auto (on for CUDA, where the fused kernels pay off; the CPU
+    """`objective.compile_jvp`: always | never | auto (on CUDA, where the fused kernels pay off; the CPU
     keeps the eager pass, whose compile takes minutes for a gain of ~1.5x)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    return setting == "always" or (setting == "auto" and device.type == "cuda")
 
 
 def u_and_dudt(
@@ -87,7 +117,7 @@ def u_and_dudt(
     *,
     estimator: str = "jvp",
     fd_step: float = 5e-3,
-    compile_jvp: str = "off",
+    compile_jvp: str = "never",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (v, u, dudt); v and u carry gradients, dudt is the derivative along (tangent, 0, 1) and
     carries none."""
@@ -100,7 +130,7 @@ def u_and_dudt(
             # fp32. A DeepSpeed engine is unwrapped for the compiled pass: only its module is traced.
             with torch.no_grad(), autocast_off(x_t.device.type):
                 if compiled:
-                    dudt = compiled_dudt_pass()(getattr(model, "module", model), x_t, t, r, y, tangent)
+                    dudt = compiled_dudt(getattr(model, "module", model), x_t, t, r, y, tangent)
                 else:
                     dudt = dudt_pass(model, x_t, t, r, y, tangent, jvp)
             v, u = model(x_t, t, r, y)
