@@ -109,7 +109,7 @@ def test_compile_jvp_auto_is_on_for_cuda_only():
 
 
 @torch.no_grad()  # as u_and_dudt calls it
-def test_a_compiled_jvp_that_disagrees_with_eager_is_turned_off(random_micro_model):
+def test_a_compiled_jvp_that_fails_or_disagrees_with_eager_is_turned_off(random_micro_model):
     """The one-time check: a wrong compiled result (here a stand-in for a compiler fault) is caught on the
     first call with a non-zero derivative, warned about, replaced by the eager result, and not used again."""
     from dumo_ray.flow.jvp import CompiledDudt, dudt_pass
@@ -124,6 +124,16 @@ def test_a_compiled_jvp_that_disagrees_with_eager_is_turned_off(random_micro_mod
         torch.testing.assert_close(checked(random_micro_model, x, t, r, y, tangent), eager)
     assert checked.disabled
     torch.testing.assert_close(checked(random_micro_model, x, t, r, y, tangent), eager)
+
+    # A compile that fails (here: a stand-in raising as inductor does without a C compiler) falls back too.
+    failing = CompiledDudt()
+
+    def no_compiler(*args):
+        raise RuntimeError("Failed to find C compiler")
+    failing.compiled = no_compiler
+    with pytest.warns(UserWarning, match="compiling the JVP failed .*Failed to find C compiler"):
+        torch.testing.assert_close(failing(random_micro_model, x, t, r, y, tangent), eager)
+    assert failing.disabled
 
     # A derivative that is exactly zero (a freshly initialised u-head) proves nothing: checked later.
     waiting = CompiledDudt()

@@ -69,7 +69,8 @@ class CompiledDudt:
     a non-zero derivative (at initialisation the zero-initialised u-head makes dudt exactly 0, which
     proves nothing) also runs the eager pass: a relative difference above `tolerance` (TF32 and kernel
     order account for ~1e-4; a wrong graph for O(1)) or a non-finite value turns compiling off for this
-    process, with a warning."""
+    process, with a warning. So does a compile that fails (e.g. no C compiler for Triton on the node):
+    the run goes on at the eager pass's speed instead of stopping."""
 
     tolerance = 1e-2
 
@@ -83,7 +84,13 @@ class CompiledDudt:
             return dudt_pass(model, x_t, t, r, y, tangent)
         if self.compiled is None:
             self.compiled = torch.compile(dudt_pass, dynamic=False)
-        dudt = self.compiled(model, x_t, t, r, y, tangent)
+        try:
+            dudt = self.compiled(model, x_t, t, r, y, tangent)
+        except Exception as error:  # torch.compile's failures have many types (dynamo, inductor, Triton)
+            self.disabled = True
+            warnings.warn(f"objective.compile_jvp: compiling the JVP failed ({type(error).__name__}: "
+                          f"{str(error)[:300]}); using the eager pass in this process")
+            return dudt_pass(model, x_t, t, r, y, tangent)
         if not self.verified:
             eager = dudt_pass(model, x_t, t, r, y, tangent)
             scale = float(eager.norm())
