@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--mid", type=float, default=0.5, help="intermediate time of the 2-step sampler")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--vae", default=None, help="decode with this VAE (hub id or local dir) instead of the manifest's")
+    sample.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32 (default) or bf16 autocast on the network (~1.7x faster on a GPU)")
     sample.add_argument("--chunk", type=int, default=64,
                         help="network batch (default 64); images are identical for a given chunk, whatever the split")
     where = sample.add_mutually_exclusive_group(required=True)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.num < 1 or args.steps < 1 or args.chunk < 1:
                 raise ValueError("--num, --steps and --chunk must be >= 1")
             common = dict(steps=args.steps, num=args.num, labels=args.labels, method=args.method, seed=args.seed,
-                          mid=args.mid, chunk=args.chunk, vae=args.vae)
+                          mid=args.mid, chunk=args.chunk, vae=args.vae, precision=args.precision)
             if args.out:
                 from dumo_ray.sampling import sample_to_file
 

@@ -25,7 +25,8 @@ class SamplerActor:
     """Holds the model (and VAE) once; each call draws the images of a batch of indices."""
 
     def __init__(self, checkpoint: str, classes: list[int], steps: int, method: str | None, seed: int, mid: float,
-                 chunk: int, png_dir: str | None, keep_images: bool, vae: str | None, use_gpu: bool, threads: int):
+                 chunk: int, png_dir: str | None, keep_images: bool, vae: str | None, use_gpu: bool, threads: int,
+                 precision: str = "fp32"):
         import torch
 
         from dumo_ray.sampling import load_ema_model, make_decoder
@@ -35,7 +36,7 @@ class SamplerActor:
         self.model, self.cfg, latent_info = load_ema_model(checkpoint, device)
         self.decode = make_decoder(latent_info, vae, device)
         self.classes, self.steps, self.method, self.seed, self.mid, self.chunk = classes, steps, method, seed, mid, chunk
-        self.png_dir, self.keep_images = png_dir, keep_images
+        self.png_dir, self.keep_images, self.precision = png_dir, keep_images, precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
@@ -45,7 +46,8 @@ class SamplerActor:
 
         indices = batch["data"].astype(np.int64)
         images, labels = draw(self.model, self.cfg, self.decode, indices, self.classes, steps=self.steps,
-                              method=self.method, seed=self.seed, mid=self.mid, chunk=self.chunk)
+                              method=self.method, seed=self.seed, mid=self.mid, chunk=self.chunk,
+                              precision=self.precision)
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
         if self.png_dir is not None:
             for index, label, image in zip(indices, labels.tolist(), pixels):
@@ -64,8 +66,10 @@ def check_output(output: Path, settings: dict) -> None:
     previous = output / SETTINGS_FILE
     if previous.is_file():
         old = json.loads(previous.read_text())
-        if old.get("settings") != settings:
-            changed = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
+        # Folders written before `precision` existed were fp32.
+        old_settings = {"precision": "fp32", **old.get("settings", {})}
+        if old_settings != settings:
+            changed = sorted(k for k in settings if old_settings.get(k) != settings[k])
             raise ValueError(f"{output} holds samples drawn with other settings ({', '.join(changed)} differ); "
                              "choose another --output-dir or delete that folder")
 
@@ -73,11 +77,11 @@ def check_output(output: Path, settings: dict) -> None:
 def sample_images(checkpoint: str | Path, output: str | Path, *, num: int, steps: int,
                   labels: Sequence[int] | None = None, method: str | None = None, seed: int = 0, mid: float = 0.5,
                   chunk: int = 64, batch_size: int = 256, workers: int | None = None,
-                  formats: Sequence[str] = ("png", "npz"), vae: str | None = None) -> dict:
+                  formats: Sequence[str] = ("png", "npz"), vae: str | None = None, precision: str = "fp32") -> dict:
     import ray
 
     from dumo_ray.eval.image_sets import SampleBatchWriter
-    from dumo_ray.sampling import check_labels, load_model_info
+    from dumo_ray.sampling import check_labels, check_precision, load_model_info
 
     bad = sorted(set(formats) - {"png", "npz"})
     if bad or not formats:
@@ -88,7 +92,7 @@ def sample_images(checkpoint: str | Path, output: str | Path, *, num: int, steps
     cfg, _ = load_model_info(checkpoint)
     classes = check_labels(labels, cfg.model.num_classes)
     settings = {"checkpoint": checkpoint, "num": num, "steps": steps, "classes": classes, "method": method,
-                "seed": seed, "mid": mid, "chunk": chunk, "vae": vae}
+                "seed": seed, "mid": mid, "chunk": chunk, "vae": vae, "precision": check_precision(precision)}
     check_output(output, settings)
     output.mkdir(parents=True, exist_ok=True)
     (output / SETTINGS_FILE).write_text(json.dumps({"settings": settings, "complete": False}, indent=2))
@@ -101,7 +105,7 @@ def sample_images(checkpoint: str | Path, output: str | Path, *, num: int, steps
     workers = workers or max(gpus, 1)
     cpus = ray.cluster_resources().get("CPU", 1)
     threads = 1 if use_gpu else max(1, int(cpus // workers))
-    print(f"[dumo-ray] sampling {num:,} images ({steps} steps) from {checkpoint} on {workers} "
+    print(f"[dumo-ray] sampling {num:,} images ({steps} steps, {precision}) from {checkpoint} on {workers} "
           f"{'GPU' if use_gpu else 'CPU'} actor(s) -> {output}", flush=True)
     if not use_gpu and workers > cpus:
         raise ValueError(f"--workers {workers} needs {workers} CPUs; the cluster has {cpus:g}")
@@ -114,7 +118,7 @@ def sample_images(checkpoint: str | Path, output: str | Path, *, num: int, steps
         num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else 1,
         fn_constructor_kwargs=dict(checkpoint=checkpoint, classes=classes, steps=steps, method=method, seed=seed, mid=mid,
                                    chunk=chunk, png_dir=str(png_dir) if png_dir else None, keep_images="npz" in formats,
-                                   vae=vae, use_gpu=use_gpu, threads=threads))
+                                   vae=vae, use_gpu=use_gpu, threads=threads, precision=precision))
 
     writer, done, started, next_report = None, 0, time.perf_counter(), max(num // 10, 1)
     try:

@@ -1,5 +1,6 @@
 """Mass sampling on Ray Data (real local Ray): bit-identical images whatever the number of actors or the
 batch size, PNG files and an ADM sample batch that agree, decoding through a real AutoencoderKL."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,16 @@ def test_given_labels_and_a_folder_of_other_settings(local_ray, pixel_export, tm
     assert not (tmp_path / "s" / "images").exists()
     with pytest.raises(ValueError, match="other settings .*steps"):
         sample_images(pixel_export, tmp_path / "s", num=6, steps=2, labels=[3, 7], formats=["npz"], chunk=4)
+    with pytest.raises(ValueError, match=r"other settings \(precision differ"):
+        sample_images(pixel_export, tmp_path / "s", num=6, steps=1, labels=[3, 7], formats=["npz"], chunk=4,
+                      precision="bf16")
+    # A folder written before `precision` was recorded counts as fp32 (it resumes, it is not refused).
+    settings_file = tmp_path / "s" / "samples.json"
+    old = json.loads(settings_file.read_text())
+    del old["settings"]["precision"]
+    settings_file.write_text(json.dumps(old))
+    assert sample_images(pixel_export, tmp_path / "s", num=6, steps=1, labels=[3, 7], formats=["npz"],
+                         chunk=4)["images"] == 6
     with pytest.raises(ValueError, match=r"labels must be in \[0, 9\]"):
         sample_images(pixel_export, tmp_path / "t", num=6, steps=1, labels=[12])
 
@@ -74,3 +85,17 @@ def test_latent_samples_decode_through_the_manifests_vae(tiny_vae, tmp_path):
     sample_to_file(export, tmp_path / "s.npz", num=5, steps=1, chunk=4)
     with np.load(tmp_path / "s.npz") as data:
         assert data["arr_0"].shape == (5, 8, 8, 3)  # the VAE's 2x upsampling, RGB
+
+
+def test_bf16_sampling_is_close_to_fp32_and_reproducible(pixel_export, tmp_path):
+    """`--precision bf16` (autocast on the network): the same images up to bf16 rounding, and the same
+    bytes when drawn again."""
+    for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16_again", "bf16")):
+        sample_to_file(pixel_export, tmp_path / f"{name}.npz", num=20, steps=2, seed=3, chunk=8, precision=precision)
+    with np.load(tmp_path / "fp32.npz") as a, np.load(tmp_path / "bf16.npz") as b, np.load(tmp_path / "bf16_again.npz") as c:
+        fp32, bf16 = a["arr_0"].astype(int), b["arr_0"].astype(int)
+        assert np.array_equal(b["arr_0"], c["arr_0"])
+        assert not np.array_equal(fp32, bf16)  # bf16 really ran
+        assert np.abs(fp32 - bf16).mean() < 0.5 and np.abs(fp32 - bf16).max() <= 4  # of 255 (measured 0.04, 1)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        sample_to_file(pixel_export, tmp_path / "x.npz", num=2, steps=1, precision="fp16")
