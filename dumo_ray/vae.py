@@ -55,6 +55,33 @@ def encode_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return posterior.mean.float(), posterior.std.float()
 
 
+# Images per encoder call, whatever the size of the batch Ray Data delivers. CPU and GPU kernels choose
+# their summation order by batch shape, so an image encoded in a batch of 3 can differ in the last bits
+# from the same image in a batch of 5; one fixed shape makes every latent bit-identical however the rows
+# are batched (and a redone shard byte-identical). 8 keeps a GPU busy at 256x256 and wastes little on CPUs.
+ENCODE_CHUNK = 8
+
+
+def in_fixed_chunks(fn, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+    """`fn(x)` for a function returning a tuple of per-row tensors, always called on exactly `chunk` rows
+    (the last piece padded with zeros, the padding's outputs dropped)."""
+    pieces = []
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk]
+        real = len(part)
+        if real < chunk:
+            part = torch.cat([part, part.new_zeros(chunk - real, *part.shape[1:])])
+        pieces.append([out[:real] for out in fn(part)])
+    return tuple(torch.cat(column) for column in zip(*pieces))
+
+
+@torch.no_grad()
+def encode_moments_in_chunks(vae, images: torch.Tensor, chunk: int = ENCODE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_moments` with the encoder always run on `chunk` images (see ENCODE_CHUNK)."""
+    mean, std = in_fixed_chunks(lambda part: encode_moments(vae, part), images, chunk)
+    return mean, std
+
+
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Unnormalised latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1]."""

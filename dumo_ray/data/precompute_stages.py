@@ -64,9 +64,9 @@ class EncodeLatents:
         """images (N, channels, R, R) in [-1, 1] -> (N, 2, C, h, w) float16."""
         if self.vae is None:
             return torch.stack([images, torch.zeros_like(images)], dim=1).numpy().astype(np.float16)
-        from dumo_ray.vae import encode_moments
+        from dumo_ray.vae import encode_moments_in_chunks
 
-        mean, std = encode_moments(self.vae, images)
+        mean, std = encode_moments_in_chunks(self.vae, images)
         return torch.stack([mean, std], dim=1).cpu().numpy().astype(np.float16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
