@@ -48,6 +48,17 @@ def test_frechet_distance_survives_singular_covariances():
     assert np.isfinite(value) and value > 0
 
 
+def test_inception_score_is_never_below_one():
+    """IS = exp(mean KL) >= 1. Identical predictions (KL = 0) land a rounding error either side of 1 in
+    floating point (0.9999999999999999 for these logits); the reported score is clamped at 1."""
+    from dumo_ray.eval.scores import inception_score
+
+    for seed in range(6):
+        logits = np.tile(np.random.default_rng(seed).normal(size=10) * 3, (24, 1))
+        score, _ = inception_score(logits)
+        assert 1.0 <= score <= 1.0 + 1e-12, (seed, score)
+
+
 def test_adm_npz_layouts_round_trip(tmp_path):
     rng = np.random.default_rng(3)
     mu, sigma = rng.normal(size=8), np.cov(rng.normal(size=(100, 8)), rowvar=False)

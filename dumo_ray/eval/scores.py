@@ -9,7 +9,9 @@ from dumo_ray.eval.metrics import feature_statistics, frechet_distance
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """torchmetrics' Inception Score over precomputed logits (it shuffles them: seeded here)."""
+    """torchmetrics' Inception Score over precomputed logits (it shuffles them: seeded here). The score is
+    exp(mean KL(p(y|x) || p(y))) >= 1 exactly; in floating point a set whose predictions are all alike
+    can come out a rounding error below 1 (0.9999999999999999 seen), so the mean is clamped to 1."""
     import warnings
 
     from torchmetrics.image.inception import InceptionScore
@@ -21,7 +23,7 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         mean, std = metric.compute()
-    return float(mean), float(std)
+    return max(1.0, float(mean)), float(std)
 
 
 def score_outputs(outputs: dict[str, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
