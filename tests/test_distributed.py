@@ -115,8 +115,10 @@ def test_worker_failure_restarts_from_checkpoint_and_rerun_resumes_exactly(digit
     assert fit(straight).metrics["images"] == 960
     a = load_file(Path(more.run_dir) / "export" / "model.safetensors")
     b = load_file(Path(straight.run_dir) / "export" / "model.safetensors")
+    # Bit for bit, by design: the resumed steps run the same shapes, seeds, data order and reduction
+    # order as the uninterrupted ones (only a change of world size changes the arithmetic).
     for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 def test_three_workers_uneven_shares_and_gradient_accumulation(digits_latents, tmp_path, capfd):

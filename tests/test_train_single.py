@@ -52,8 +52,10 @@ def test_train_checkpoint_resume_and_sample(tmp_path, capsys):
     straight = tmp_path / "straight"
     run_train(straight, 384)
     one_go = torch.load(checkpoint_dirs(straight)[-1] / "state.pt", weights_only=True)
+    # Bit for bit, by design: the resumed steps run the same shapes, seeds, data order and reduction
+    # order as the uninterrupted ones (only a change of world size changes the arithmetic).
     for key, value in one_go["model"].items():
-        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
 
     ckpt = checkpoint_dirs(out)[-1]
     assert main(["sample", "--checkpoint", str(ckpt), "--steps", "2", "--num", "12", "--labels", "3,7",
