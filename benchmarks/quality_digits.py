@@ -1,20 +1,26 @@
 """The paper's central claim at a scale we can run: DuMo vs MeanFlow (75% r = t) vs flow matching, same
-model, same number of training steps, several seeds, judged by FD-digits and class accuracy at 1, 2 and
-4 sampling steps (flow matching also at 50 Euler steps).
+model, same number of training steps (or the same wall time), several seeds, judged by FD-digits and class
+accuracy at 1, 2 and 4 sampling steps (flow matching also at 50 Euler steps; with --euler, every arm's
+v-head too).
 
     python benchmarks/quality_digits.py [--steps 3000] [--seeds 0 1 2] [--budget steps|wall] [--json out.json]
+    python benchmarks/quality_digits.py --arms benchmarks/arms_dumo_study.yaml --only v_target lambda_v_025 \
+        [--preset DuMo-Mini/2] [--reference-arm dumo_v1] [--euler 50]
 
 Each run is `configs/digits_local.yaml` (DuMo-Tiny/2, batch 128, the single-process trainer) with only
-the objective and the seed changed; the final EMA weights sample the fixed 1,000-image evaluation set.
-Wall time per run is reported too (the objectives' step costs differ). Prints mean +- std over seeds.
+the arm's overrides and the seed changed; the final EMA weights sample the fixed 1,000-image evaluation
+set. An arm is a named list of config overrides (`--arms` YAML file); without one, the arms are the three
+objectives at their defaults. Wall time per run is reported too (the arms' step costs differ). Prints
+mean +- std over seeds.
 
---budget wall gives every objective the wall time of `--steps` DuMo steps instead: each objective's step
-is timed first on this machine (same model and batch, 20 steps), and its step count scaled by
-DuMo's step time / its own.
+--budget wall gives every arm the wall time of `--steps` steps of `--reference-arm` (default: dumo as
+first shipped) instead: each arm's step is timed first on this machine (same model and batch, 20 steps),
+and its step count scaled by the reference's step time / its own.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -26,17 +32,31 @@ ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("dumo", "meanflow", "flow_matching")
 
 
-def step_seconds(objective: str) -> float:
-    """This machine's time for one training step of `objective` on the digits model and batch."""
+def load_arms(path: str | None) -> dict[str, list[str]]:
+    if path is None:
+        return {name: [f"objective.name={name}"] for name in OBJECTIVES}
+    import yaml
+
+    return {name: list(overrides or []) for name, overrides in yaml.safe_load(Path(path).read_text()).items()}
+
+
+def arm_config(overrides: list[str], preset: str | None, extra: list[str] = ()):
+    from dumo_ray.config import load_config
+
+    return load_config(ROOT / "configs/digits_local.yaml",
+                       [*overrides, *([f"model.preset={preset}"] if preset else []), *extra])
+
+
+def step_seconds(overrides: list[str], preset: str | None) -> float:
+    """This machine's time for one training step of an arm on the digits model and batch."""
     import torch
 
     from step_cost import time_variant  # benchmarks/step_cost.py
 
-    from dumo_ray.config import load_config
     from dumo_ray.flow import build_objective
     from dumo_ray.train.loop import build_model_from_config
 
-    cfg = load_config(ROOT / "configs/digits_local.yaml", [f"objective.name={objective}"])
+    cfg = arm_config(overrides, preset)
     torch.manual_seed(0)
     model = build_model_from_config(cfg)
     objective_fn = build_objective(cfg.objective, cfg.model.num_classes)
@@ -45,21 +65,25 @@ def step_seconds(objective: str) -> float:
     return time_variant(model, objective_fn, optimizer, data, torch.device("cpu"), "fp32", steps=20, warmup=5)
 
 
-def run(objective: str, seed: int, steps: int, storage: str) -> dict:
-    from dumo_ray.config import load_config
+def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: int, euler: list[int], storage: str) -> dict:
     from dumo_ray.train.loop import train_single_process
 
     total = steps * 128
-    sample_steps = [1, 2, 4, 50] if objective == "flow_matching" else [1, 2, 4]
-    cfg = load_config(ROOT / "configs/digits_local.yaml", [
-        f"objective.name={objective}", f"train.seed={seed}", f"train.total_images={total}",
+    cfg = arm_config(overrides, preset, [
+        f"train.seed={seed}", f"train.total_images={total}",
         f"train.log_every_images={total // 10 // 128 * 128 or 128}", f"train.checkpoint_every_images={total}",
-        f"train.storage_path={storage}", f"train.name={objective}-{seed}", f"eval.steps={sample_steps}",
-        "eval.every_images=0", "train.sample_steps=[1, 2]"])
+        f"train.storage_path={storage}", f"train.name={arm}-{seed}".replace("/", "-"), "eval.steps=[1, 2, 4]",
+        f"eval.euler_steps={euler}", "eval.every_images=0", "train.sample_steps=[1, 2]"])
+    if cfg.objective.name == "flow_matching":  # its default sampler is Euler on the v-head already
+        cfg.eval.steps = sorted({*cfg.eval.steps, *euler})
+        cfg.eval.euler_steps = []
     started = time.perf_counter()
     summary = train_single_process(cfg)
-    return {"objective": objective, "seed": seed, "steps": steps, "seconds": time.perf_counter() - started,
-            **{k: v for k, v in summary.items() if k.startswith(("fd_", "accuracy_"))}}
+    scores = {k: v for k, v in summary.items() if k.startswith(("fd_", "accuracy_"))}
+    if cfg.objective.name == "flow_matching":  # its N-step scores are Euler already: name them so
+        scores.update({f"{m}_euler{n}": scores.pop(f"{m}_{n}step") for n in euler for m in ("fd", "accuracy")})
+    return {"arm": arm, "objective": cfg.objective.name, "preset": cfg.model.preset, "seed": seed, "steps": steps,
+            "seconds": time.perf_counter() - started, **scores}
 
 
 def mean_std(values: list[float]) -> str:
@@ -73,34 +97,48 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    p.add_argument("--arms", default=None, help="YAML file: arm name -> list of config overrides")
+    p.add_argument("--only", nargs="+", default=None, help="run these arms of the file (default: all)")
+    p.add_argument("--objectives", nargs="+", default=None, choices=OBJECTIVES, help="without --arms: these objectives")
+    p.add_argument("--preset", default=None, help="model preset for every arm (default: the config's DuMo-Tiny/2)")
     p.add_argument("--budget", choices=["steps", "wall"], default="steps",
-                   help="steps: every objective trains --steps steps; wall: the wall time of --steps DuMo steps")
+                   help="steps: every arm trains --steps steps; wall: the wall time of --steps reference-arm steps")
+    p.add_argument("--reference-arm", default="dumo", help="the arm whose --steps steps set the wall budget")
+    p.add_argument("--euler", type=int, nargs="*", default=[50], help="also score the v-head with N Euler steps")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    steps = {objective: args.steps for objective in args.objectives}
+    arms = load_arms(args.arms)
+    chosen = args.only or args.objectives or list(arms)
+    unknown = [a for a in chosen + [args.reference_arm] * (args.budget == "wall") if a not in arms]
+    if unknown:
+        p.error(f"unknown arm(s) {unknown}; {args.arms or 'the default arms'} has {', '.join(arms)}")
+    steps = {arm: args.steps for arm in chosen}
     if args.budget == "wall":
-        cost = {objective: step_seconds(objective) for objective in set(args.objectives) | {"dumo"}}
-        steps = {objective: round(args.steps * cost["dumo"] / cost[objective]) for objective in args.objectives}
+        cost = {arm: step_seconds(arms[arm], args.preset) for arm in dict.fromkeys(chosen + [args.reference_arm])}
+        steps = {arm: round(args.steps * cost[args.reference_arm] / cost[arm]) for arm in chosen}
         print("step time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in cost.items())
               + " -> steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="dumo-quality-") as storage:
-        for objective in args.objectives:
+        for arm in chosen:
             for seed in args.seeds:
-                results.append(run(objective, seed, steps[objective], storage))
+                results.append(run(arm, arms[arm], args.preset, seed, steps[arm], args.euler, storage))
+                print(json.dumps(results[-1]), flush=True)
 
-    columns = ["fd_1step", "accuracy_1step", "fd_2step", "accuracy_2step", "fd_4step", "accuracy_4step", "fd_50step"]
+    columns = ["fd_1step", "accuracy_1step", "fd_2step", "accuracy_2step", "fd_4step", "accuracy_4step",
+               *[f"{m}_euler{n}" for n in args.euler for m in ("fd", "accuracy")]]
     table = []
-    for objective in args.objectives:
-        runs = [r for r in results if r["objective"] == objective]
-        table.append({"objective": objective, "steps": steps[objective],
-                      "s_per_run": statistics.mean(r["seconds"] for r in runs),
+    for arm in chosen:
+        runs = [r for r in results if r["arm"] == arm]
+        table.append({"arm": arm, "steps": steps[arm], "s_per_run": statistics.mean(r["seconds"] for r in runs),
                       **{c: mean_std([r[c] for r in runs if c in r]) for c in columns}})
-    budget = f"{args.steps:,} training steps" if args.budget == "steps" else f"the wall time of {args.steps:,} DuMo steps"
-    report(f"{budget} of batch 128, seeds {args.seeds}, 1,000 evaluation samples (mean +- std)",
-           table, ["objective", "steps", "s_per_run"] + columns, args.json, {**vars(args), "runs": results})
+    preset = args.preset or "DuMo-Tiny/2"
+    budget = (f"{args.steps:,} training steps" if args.budget == "steps"
+              else f"the wall time of {args.steps:,} {args.reference_arm} steps")
+    report(f"{preset}, {budget} of batch 128, seeds {args.seeds}, 1,000 evaluation samples (mean +- std)",
+           table, ["arm", "steps", "s_per_run"] + columns, args.json,
+           {**vars(args), "arm_overrides": {a: arms[a] for a in chosen}, "runs": results})
 
 
 if __name__ == "__main__":

@@ -69,13 +69,29 @@ class ObjectiveConfig:
     """Every knob of method.md sections 3-5. `equal_fraction: null` means the objective's own default."""
 
     name: str = "dumo"  # dumo | meanflow | flow_matching
-    tangent: str = "v_hat"  # v_hat: stopgrad(v-head) | v_target: the (guided) velocity target
+    # The JVP's x-tangent (dumo): v_hat: stopgrad(v-head) | v_target: the (guided) velocity target |
+    # blend: v_target at the start, moving linearly to v_hat over tangent_blend_images.
+    tangent: str = "v_hat"
+    tangent_blend_images: int = 0
+    # Where the v-head is queried for the tangent: own_r: at the sample's (t, r) | r_equals_t: at (t, t) (iMF).
+    tangent_query: str = "own_r"
+    # Flow matching on the u-head's boundary u(x_t, t, t) = v, weight lambda_boundary (0: off; costs a pass).
+    lambda_boundary: float = 0.0
+    # Interval curriculum: t - r capped at interval_cap_start, the cap growing linearly to 1 over
+    # interval_curriculum_images (0: no cap). lambda_u grows linearly from 0 over lambda_u_warmup_images.
+    interval_cap_start: float = 1.0
+    interval_curriculum_images: int = 0
+    lambda_u_warmup_images: int = 0
     estimator: str = "jvp"  # jvp (torch.func) | dual (forward-mode dual numbers) | finite_difference
     fd_step: float = 5e-3
     compile_jvp: str = "auto"  # auto (on CUDA) | always | never: torch.compile the jvp estimator's pass
-    time_sampler: str = "logit_normal"  # logit_normal | uniform
+    # logit_normal | uniform: two draws, t the larger, r the smaller | separate: t ~ logit-normal(time_mean,
+    # time_std), r ~ logit-normal(r_mean, r_std), r clipped to <= t (Decoupled MeanFlow's sampler).
+    time_sampler: str = "logit_normal"
     time_mean: float = -0.4
     time_std: float = 1.0
+    r_mean: float = -0.4
+    r_std: float = 1.0
     equal_fraction: Optional[float] = None  # share of samples with r = t (dumo 0.0, meanflow 0.75)
     zero_fraction: float = 0.0  # share of samples with r = 0
     lambda_v: float = 1.0
@@ -94,12 +110,18 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _choice("objective", "name", self.name, ("dumo", "meanflow", "flow_matching"))
-        _choice("objective", "tangent", self.tangent, ("v_hat", "v_target"))
+        _choice("objective", "tangent", self.tangent, ("v_hat", "v_target", "blend"))
+        _choice("objective", "tangent_query", self.tangent_query, ("own_r", "r_equals_t"))
+        for name in ("tangent_blend_images", "interval_curriculum_images", "lambda_u_warmup_images"):
+            _check(getattr(self, name) >= 0, f"objective.{name} must be >= 0, got {getattr(self, name)}")
+        _check(0.0 < self.interval_cap_start <= 1.0,
+               f"objective.interval_cap_start must be in (0, 1], got {self.interval_cap_start}")
         _choice("objective", "estimator", self.estimator, ("jvp", "dual", "finite_difference"))
         _choice("objective", "compile_jvp", self.compile_jvp, ("auto", "always", "never"))
-        _choice("objective", "time_sampler", self.time_sampler, ("logit_normal", "uniform"))
+        _choice("objective", "time_sampler", self.time_sampler, ("logit_normal", "uniform", "separate"))
         _positive("objective", "fd_step", self.fd_step)
         _positive("objective", "time_std", self.time_std)
+        _positive("objective", "r_std", self.r_std)
         if self.equal_fraction is not None:
             _in_unit_interval("objective", "equal_fraction", self.equal_fraction)
         _in_unit_interval("objective", "zero_fraction", self.zero_fraction)
@@ -107,7 +129,7 @@ class ObjectiveConfig:
                "objective.equal_fraction + objective.zero_fraction must be <= 1, got "
                f"{self.resolved_equal_fraction} + {self.zero_fraction}")
         _in_unit_interval("objective", "class_dropout", self.class_dropout)
-        for name in ("lambda_v", "lambda_u", "adaptive_p_v", "adaptive_p_u"):
+        for name in ("lambda_v", "lambda_u", "lambda_boundary", "adaptive_p_v", "adaptive_p_u"):
             _check(getattr(self, name) >= 0, f"objective.{name} must be >= 0, got {getattr(self, name)}")
         _positive("objective", "adaptive_c_v", self.adaptive_c_v)
         _positive("objective", "adaptive_c_u", self.adaptive_c_u)
@@ -291,6 +313,8 @@ class EvalConfig:
     every_images: int = 0  # 0: evaluate only at the end; otherwise a multiple of train.log_every_images
     num_images: int = 1000  # size of the fixed evaluation set (shared out over the workers)
     steps: list[int] = field(default_factory=lambda: [1, 2])
+    # Also score the v-head integrated with this many Euler steps (fd_euler50, ...): DuMo's multi-step view.
+    euler_steps: list[int] = field(default_factory=list)
     # auto: digits for digits data, inception when eval.reference is set, otherwise none.
     features: str = "auto"  # auto | digits | inception | none
     reference: str = ""  # ADM-style reference .npz (mu, sigma) for inception features
@@ -301,6 +325,7 @@ class EvalConfig:
         _check(self.every_images >= 0, f"eval.every_images must be >= 0, got {self.every_images}")
         _positive("eval", "num_images", self.num_images)
         _check(bool(self.steps) and all(s > 0 for s in self.steps), f"eval.steps must be positive, got {self.steps}")
+        _check(all(s > 0 for s in self.euler_steps), f"eval.euler_steps must be positive, got {self.euler_steps}")
         _choice("eval", "features", self.features, ("auto", "digits", "inception", "none"))
         _positive("eval", "chunk", self.chunk)
 

@@ -46,6 +46,13 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("optim.micro_batch_size=0", "optim.micro_batch_size must be > 0"),
     ("distributed.worker_resources={spot: many}", "distributed.worker_resources.spot must be a number, got 'many'"),
     ("objective.cfg_k=1.0", "objective.cfg_k must be < 1"),
+    ("objective.tangent=u_hat", "objective.tangent must be one of v_hat, v_target, blend"),
+    ("objective.tangent_query=r0", "objective.tangent_query must be one of own_r, r_equals_t"),
+    ("objective.interval_cap_start=0", "objective.interval_cap_start must be in (0, 1], got 0"),
+    ("objective.lambda_u_warmup_images=-128", "objective.lambda_u_warmup_images must be >= 0"),
+    ("objective.lambda_boundary=-1", "objective.lambda_boundary must be >= 0"),
+    ("objective.time_sampler=sorted", "objective.time_sampler must be one of logit_normal, uniform, separate"),
+    ("objective.r_std=0", "objective.r_std must be > 0"),
     ("model.input_size=32", "data.source 'digits' is 8x8 pixels"),
     ("lr", "override 'lr' must look like section.key=value"),
 ])

@@ -40,6 +40,25 @@ def test_logit_normal_mean_shifts_times():
     assert low.mean() < 0.4 < 0.8 < high.mean()
 
 
+def test_separate_time_draws_make_large_intervals_common():
+    """Decoupled MeanFlow's sampler: t and r from their own logit-normals, r clipped to <= t."""
+    g = torch.Generator().manual_seed(0)
+    t, r = TimeSampler("separate", mean=0.4, std=1.0, r_mean=-1.2, r_std=1.0)(20000, g)
+    assert bool((r <= t).all())
+    assert abs(float(torch.logit(t).mean()) - 0.4) < 0.05
+    t_sorted, r_sorted = TimeSampler(mean=-0.4)(20000, g)
+    # P(t - r > 0.8): ~1.5% against ~0.1% for the sorted pair (method.md section 11).
+    assert float((t - r > 0.8).float().mean()) > 0.01 > 5 * float((t_sorted - r_sorted > 0.8).float().mean())
+
+
+def test_interval_curriculum_caps_the_gap_and_lets_go():
+    objective = build_objective(ObjectiveConfig(interval_cap_start=0.2, interval_curriculum_images=1000), num_classes=10)
+    gaps = {images: objective.draw(batch(400), torch.Generator().manual_seed(0), images) for images in (0, 500, 1000)}
+    assert float((gaps[0].t - gaps[0].r).max()) <= 0.2 + 1e-6
+    assert 0.2 < float((gaps[500].t - gaps[500].r).max()) <= 0.6 + 1e-6
+    assert float((gaps[1000].t - gaps[1000].r).max()) > 0.6
+
+
 def batch(n=64, seed=0):
     """Real digits: structure a model can learn (unlike random x0)."""
     x, y = load_digits_tensors()
@@ -93,6 +112,51 @@ def test_dumo_terms_match_a_hand_built_target(random_micro_model):
     torch.testing.assert_close(terms["loss_u"], expected_u.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["loss_v"], expected_v.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.detach(), (expected_u + expected_v).detach(), rtol=1e-5, atol=1e-6)
+
+
+def v_head(model, nb, r):
+    with torch.no_grad():
+        return model(nb.x_t, nb.t, r, nb.y)[0]
+
+
+@pytest.mark.parametrize("knobs,images,tangent_of", [
+    ({"tangent": "v_target"}, 0, lambda m, nb: nb.v_t),
+    ({"tangent_query": "r_equals_t"}, 0, lambda m, nb: v_head(m, nb, nb.t)),
+    ({"tangent": "blend", "tangent_blend_images": 1000}, 0, lambda m, nb: nb.v_t),
+    ({"tangent": "blend", "tangent_blend_images": 1000}, 250, lambda m, nb: 0.25 * v_head(m, nb, nb.r) + 0.75 * nb.v_t),
+    ({"tangent": "blend", "tangent_blend_images": 1000}, 5000, lambda m, nb: v_head(m, nb, nb.r)),
+])
+def test_tangent_knobs_give_the_hand_built_target(random_micro_model, knobs, images, tangent_of):
+    """tangent v_target | blend (v_target -> v_hat over tangent_blend_images) and tangent_query r_equals_t."""
+    from dumo_ray.flow import u_and_dudt
+    from dumo_ray.flow.path import broadcast_time
+
+    cfg = ObjectiveConfig(name="dumo", cfg_w=1.0, cfg_k=0.0, class_dropout=0.0, adaptive_p_v=0.0, adaptive_p_u=0.0, **knobs)
+    objective = build_objective(cfg, num_classes=10)
+    data = batch(8)
+    _, terms = objective(random_micro_model, data, torch.Generator().manual_seed(5), images=images)
+    nb = objective.draw(data, torch.Generator().manual_seed(5))
+    _, u, dudt = u_and_dudt(random_micro_model, nb.x_t, nb.t, nb.r, nb.y, tangent_of(random_micro_model, nb))
+    u_target = nb.v_t - broadcast_time(nb.t - nb.r, dudt) * dudt
+    torch.testing.assert_close(terms["loss_u"], ((u - u_target) ** 2).flatten(1).sum(1).mean().detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_lambda_u_warmup_and_boundary_term(random_micro_model):
+    """loss = lambda_v L_v + lambda_u * ramp(images) L_u + lambda_boundary ||u(x_t, t, t) - v_t||^2."""
+    cfg = ObjectiveConfig(name="dumo", cfg_w=1.0, cfg_k=0.0, class_dropout=0.0, adaptive_p_v=0.0, adaptive_p_u=0.0,
+                          lambda_u_warmup_images=1000, lambda_boundary=0.5)
+    objective = build_objective(cfg, num_classes=10)
+    data = batch(8)
+    for images, weight_u in [(0, 0.0), (400, 0.4), (1000, 1.0), (9000, 1.0)]:
+        loss, terms = objective(random_micro_model, data, torch.Generator().manual_seed(5), images=images)
+        expected = terms["loss_v"] + weight_u * terms["loss_u"] + 0.5 * terms["loss_boundary"]
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    nb = objective.draw(data, torch.Generator().manual_seed(5))
+    _, u_boundary = random_micro_model(nb.x_t, nb.t, nb.t, nb.y)
+    expected_b = ((u_boundary - nb.v_t) ** 2).flatten(1).sum(1).mean().detach()
+    torch.testing.assert_close(terms["loss_boundary"], expected_b, rtol=1e-5, atol=1e-6)
+    assert terms["loss_boundary"] > 0 and "loss_boundary" not in build_objective(ObjectiveConfig(), 10)(
+        random_micro_model, data, torch.Generator().manual_seed(5))[1]
 
 
 def test_guided_target_formula_and_window():

@@ -52,9 +52,9 @@ class TrainingEvaluator:
         self.indices, self.labels, self.seeds = eval_indices(cfg, rank, world)
         self.method, self.head = default_method_and_head(cfg.objective.name)
 
-    def _outputs(self, model: nn.Module, steps: int) -> dict[str, np.ndarray]:
+    def _outputs(self, model: nn.Module, steps: int, method: str | None = None) -> dict[str, np.ndarray]:
         images = sample_in_chunks(model, self.labels, self.seeds, chunk=self.cfg.eval.chunk, steps=steps,
-                                  method=self.method, mid=self.cfg.train.sample_mid_time, head=self.head)
+                                  method=method or self.method, mid=self.cfg.train.sample_mid_time, head=self.head)
         if self.decode is not None:
             images = self.decode(images)
         return self.network(to_uint8(images))
@@ -80,12 +80,16 @@ class TrainingEvaluator:
         model.eval()
         scores: dict[str, float] = {}
         labels = np.arange(self.cfg.eval.num_images) % self.cfg.model.num_classes
-        for steps in self.cfg.eval.steps:
-            gathered = self._gather(self._outputs(model, steps))
+        # The default sampler at each of eval.steps, then the v-head's Euler integration at eval.euler_steps
+        # (DuMo's multi-step view of the same network).
+        runs = [(steps, None, f"{steps}step") for steps in self.cfg.eval.steps]
+        runs += [(steps, "euler", f"euler{steps}") for steps in self.cfg.eval.euler_steps]
+        for steps, method, suffix in runs:
+            gathered = self._gather(self._outputs(model, steps, method))
             if gathered is not None:
                 for key, value in score_outputs(gathered, self.reference, labels).items():
                     if not key.endswith("_std"):
-                        scores[f"{key}_{steps}step"] = value
+                        scores[f"{key}_{suffix}"] = value
         model.train(was_training)
         return scores
 

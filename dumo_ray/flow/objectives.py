@@ -1,8 +1,9 @@
 """The three training objectives (method.md section 3) as callable classes.
 
-Each is called as `loss, terms = objective(model, batch, generator)` with `batch = {"x0": (N, C, H, W),
-"y": (N,)}`; `loss` is the scalar to back-propagate and `terms` a dict of detached scalars to log. The
-training loop never knows which objective it runs.
+Each is called as `loss, terms = objective(model, batch, generator, images=seen)` with `batch = {"x0":
+(N, C, H, W), "y": (N,)}` and `seen` the training images so far (for the schedules); `loss` is the scalar
+to back-propagate and `terms` a dict of detached scalars to log. The training loop never knows which
+objective it runs.
 
 - `dumo` (default, reconstructed): every sample trains both heads. L_v on the v-head, L_u on the
   u-head with the MeanFlow identity target built from the JVP of the u-head along (tau, 0, 1),
@@ -35,6 +36,11 @@ def adaptive_weighted(sse: torch.Tensor, p: float, c: float) -> torch.Tensor:
     return sse / (sse.detach() + c).pow(p)
 
 
+def ramp(images: int, length: int) -> float:
+    """0 -> 1 linearly over the first `length` training images; 1 throughout when length is 0."""
+    return 1.0 if length <= 0 else min(1.0, images / length)
+
+
 @dataclass
 class NoisedBatch:
     """One training batch after the objective's randomness: labels dropped, times and noise drawn."""
@@ -55,16 +61,26 @@ class Objective:
         self.cfg = cfg
         self.null_class = num_classes
         self.times = TimeSampler(cfg.time_sampler, cfg.time_mean, cfg.time_std,
-                                 cfg.resolved_equal_fraction, cfg.zero_fraction)
+                                 cfg.resolved_equal_fraction, cfg.zero_fraction, cfg.r_mean, cfg.r_std)
 
-    def draw(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> NoisedBatch:
+    def draw(self, batch: dict[str, torch.Tensor], generator: torch.Generator, images: int = 0) -> NoisedBatch:
         x0, y = batch["x0"].float(), batch["y"]
         n, device = x0.shape[0], x0.device
         dropped = torch.rand(n, generator=generator, device=device) < self.cfg.class_dropout
         y = torch.where(dropped, torch.full_like(y, self.null_class), y)
         t, r = self.sample_times(n, generator, device)
+        cap = self.interval_cap(images)
+        if cap < 1.0:
+            r = torch.maximum(r, t - cap)
         e = torch.randn(x0.shape, generator=generator, device=device)
         return NoisedBatch(x0, y, dropped, t, r, interpolate(x0, e, t), conditional_velocity(x0, e))
+
+    def interval_cap(self, images: int) -> float:
+        """The interval curriculum's cap on t - r after `images` training images (1: no cap)."""
+        return self.cfg.interval_cap_start + (1.0 - self.cfg.interval_cap_start) * ramp(images, self.cfg.interval_curriculum_images)
+
+    def lambda_u(self, images: int) -> float:
+        return self.cfg.lambda_u * ramp(images, self.cfg.lambda_u_warmup_images)
 
     def sample_times(self, n: int, generator: torch.Generator, device: torch.device):
         return self.times(n, generator, device)
@@ -93,26 +109,34 @@ class Objective:
         outputs = model(torch.cat([nb.x_t, nb.x_t]), torch.cat([nb.t, nb.t]), torch.cat([r, r]), torch.cat([nb.y, y_null]))
         return outputs[head].float().chunk(2)
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator):
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, images: int = 0):
+        """`images`: training images seen so far, for the schedules (interval curriculum, warm-ups)."""
         raise NotImplementedError
 
 
 class DuMoObjective(Objective):
     """Both heads from one input, every sample (method.md 3.1, reconstructed)."""
 
-    def __call__(self, model, batch, generator):
+    def tangent_share_of_v_hat(self, images: int) -> float:
+        """How much of the tangent is the v-head's prediction (the rest is the velocity target)."""
+        return {"v_hat": 1.0, "v_target": 0.0}.get(self.cfg.tangent, ramp(images, self.cfg.tangent_blend_images))
+
+    def __call__(self, model, batch, generator, images=0):
         cfg = self.cfg
-        nb = self.draw(batch, generator)
+        nb = self.draw(batch, generator, images)
+        share = self.tangent_share_of_v_hat(images)
+        # The v-head is queried for the tangent (and the guidance predictions) at the sample's r or at r = t.
+        r_query = nb.t if cfg.tangent_query == "r_equals_t" else nb.r
         v_c = v_n = None
         if cfg.guidance:
-            v_c, v_n = self.label_and_null_predictions(model, nb, nb.r, head=0)
-        elif cfg.tangent == "v_hat":
+            v_c, v_n = self.label_and_null_predictions(model, nb, r_query, head=0)
+        elif share > 0:
             with torch.no_grad():
-                v_c = model(nb.x_t, nb.t, nb.r, nb.y)[0].float()
+                v_c = model(nb.x_t, nb.t, r_query, nb.y)[0].float()
         v_target = self.guided_target(nb, v_c, v_n) if cfg.guidance else nb.v_t
         # v_c is the v-head at the batch's own labels, i.e. stopgrad(v_hat): the velocity head
         # supplies the tangent that bounds the flow-map head.
-        tangent = v_c if cfg.tangent == "v_hat" else v_target
+        tangent = v_target if share == 0 else v_c if share == 1 else share * v_c + (1 - share) * v_target
         v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent,
                                         estimator=cfg.estimator, fd_step=cfg.fd_step,
                                         compile_jvp=cfg.compile_jvp)
@@ -120,18 +144,26 @@ class DuMoObjective(Objective):
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
         loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
         loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
-        loss = cfg.lambda_v * loss_v + cfg.lambda_u * loss_u
+        loss = cfg.lambda_v * loss_v + self.lambda_u(images) * loss_u
         dim = v_hat[0].numel()
-        return loss, {"loss": loss.detach(), "loss_v": loss_v.detach(), "loss_u": loss_u.detach(),
-                      "mse_v": sse_v.detach().mean() / dim, "mse_u": sse_u.detach().mean() / dim}
+        terms = {"loss_v": loss_v.detach(), "loss_u": loss_u.detach(),
+                 "mse_v": sse_v.detach().mean() / dim, "mse_u": sse_u.detach().mean() / dim}
+        if cfg.lambda_boundary > 0:
+            # The u-head's boundary: u(x_t, t, t) is the velocity itself.
+            _, u_boundary = model(nb.x_t, nb.t, nb.t, nb.y)
+            sse_b = per_sample_sse(u_boundary, v_target)
+            loss_b = adaptive_weighted(sse_b, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
+            loss = loss + cfg.lambda_boundary * loss_b
+            terms.update(loss_boundary=loss_b.detach(), mse_boundary=sse_b.detach().mean() / dim)
+        return loss, {"loss": loss.detach(), **terms}
 
 
 class MeanFlowObjective(Objective):
     """One input, one output: the u-head alone, r = t for 75% of the batch (method.md 3.2)."""
 
-    def __call__(self, model, batch, generator):
+    def __call__(self, model, batch, generator, images=0):
         cfg = self.cfg
-        nb = self.draw(batch, generator)
+        nb = self.draw(batch, generator, images)
         if cfg.guidance:
             # u(x_t, t, t) is the velocity: guidance predictions come from the u-head at r = t.
             v_c, v_n = self.label_and_null_predictions(model, nb, nb.t, head=1)
@@ -143,7 +175,7 @@ class MeanFlowObjective(Objective):
         u_target = self.flow_map_target(nb, v_target, dudt)
         sse_u = per_sample_sse(u_hat, u_target)
         loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
-        loss = cfg.lambda_u * loss_u
+        loss = self.lambda_u(images) * loss_u
         return loss, {"loss": loss.detach(), "loss_u": loss_u.detach(), "mse_u": sse_u.detach().mean() / u_hat[0].numel()}
 
 
@@ -154,9 +186,9 @@ class FlowMatchingObjective(Objective):
         t = self.times.base(n, generator, device)
         return t, t.clone()
 
-    def __call__(self, model, batch, generator):
+    def __call__(self, model, batch, generator, images=0):
         cfg = self.cfg
-        nb = self.draw(batch, generator)
+        nb = self.draw(batch, generator, images)
         v_c = v_n = None
         if cfg.guidance:
             v_c, v_n = self.label_and_null_predictions(model, nb, nb.r, head=0)

@@ -180,7 +180,7 @@ def run_steps(
             data = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
             gen = generator(t.seed, rank, progress.step, "objective", *((i,) if i else ()), device=device)
             with autocast(precision, device):
-                loss, terms = objective(model, data, gen)
+                loss, terms = objective(model, data, gen, images=progress.images)
             loss = loss * weight if weight != 1.0 else loss
             if i < len(micro_batches) - 1:
                 stepper.accumulate(loss)
