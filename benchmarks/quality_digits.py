@@ -86,6 +86,25 @@ def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: in
             "seconds": time.perf_counter() - started, **scores}
 
 
+def log_to_mlflow(uri: str, experiment: str, title: str, settings: dict, runs: list[dict]) -> str:
+    """One parent run for the sweep (its settings and the results JSON), one child run per (arm, seed) with
+    the arm's overrides as params and its scores as metrics. Returns the parent's run id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=title[:250]) as parent:
+        mlflow.log_params({k: str(v)[:500] for k, v in settings.items() if k not in ("runs", "arm_overrides")})
+        mlflow.log_dict({"title": title, "settings": settings}, "results.json")
+        for r in runs:
+            with mlflow.start_run(run_name=f"{r['arm']}-seed{r['seed']}", nested=True):
+                overrides = settings.get("arm_overrides", {}).get(r["arm"], [])
+                mlflow.log_params({"arm": r["arm"], "seed": r["seed"], "steps": r["steps"], "preset": r.get("preset"),
+                                   **dict(o.split("=", 1) for o in overrides)})
+                mlflow.log_metrics({k: float(v) for k, v in r.items() if k.startswith(("fd_", "accuracy_", "seconds"))})
+        return parent.info.run_id
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -106,7 +125,17 @@ def main() -> None:
     p.add_argument("--reference-arm", default="dumo", help="the arm whose --steps steps set the wall budget")
     p.add_argument("--euler", type=int, nargs="*", default=[50], help="also score the v-head with N Euler steps")
     p.add_argument("--json", default=None)
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help="log the sweep to this MLflow tracking URI (e.g. sqlite:///mlflow.db): a parent run, a child per run")
+    p.add_argument("--experiment", default="dumo-ray-quality-digits")
+    p.add_argument("--log-only", default=None, metavar="JSON",
+                   help="train nothing: log an earlier --json result to --mlflow")
     args = p.parse_args()
+    if args.log_only:
+        earlier = json.loads(Path(args.log_only).read_text())
+        print("MLflow parent run:", log_to_mlflow(args.mlflow, args.experiment, earlier["title"], earlier["settings"],
+                                                  earlier["settings"]["runs"]))
+        return
 
     arms = load_arms(args.arms)
     chosen = args.only or args.objectives or list(arms)
@@ -136,9 +165,11 @@ def main() -> None:
     preset = args.preset or "DuMo-Tiny/2"
     budget = (f"{args.steps:,} training steps" if args.budget == "steps"
               else f"the wall time of {args.steps:,} {args.reference_arm} steps")
-    report(f"{preset}, {budget} of batch 128, seeds {args.seeds}, 1,000 evaluation samples (mean +- std)",
-           table, ["arm", "steps", "s_per_run"] + columns, args.json,
-           {**vars(args), "arm_overrides": {a: arms[a] for a in chosen}, "runs": results})
+    title = f"{preset}, {budget} of batch 128, seeds {args.seeds}, 1,000 evaluation samples (mean +- std)"
+    settings = {**vars(args), "arm_overrides": {a: arms[a] for a in chosen}, "runs": results}
+    report(title, table, ["arm", "steps", "s_per_run"] + columns, args.json, settings)
+    if args.mlflow:
+        print("MLflow parent run:", log_to_mlflow(args.mlflow, args.experiment, title, settings, results))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ class ObjectiveConfig:
     tangent_blend_images: int = 0
     # Where the v-head is queried for the tangent: own_r: at the sample's (t, r) | r_equals_t: at (t, t) (iMF).
     tangent_query: str = "own_r"
+    # The velocity v in the u-target v - (t - r) du/dt: v_target (MeanFlow: the noisy conditional velocity)
+    # | tangent (the same field the JVP follows; with tangent=v_hat the u-head learns the flow map of the
+    # v-head's own ODE from a target without the conditional velocity's noise).
+    identity_velocity: str = "v_target"
     # Flow matching on the u-head's boundary u(x_t, t, t) = v, weight lambda_boundary (0: off; costs a pass).
     lambda_boundary: float = 0.0
     # Interval curriculum: t - r capped at interval_cap_start, the cap growing linearly to 1 over
@@ -112,6 +116,7 @@ class ObjectiveConfig:
         _choice("objective", "name", self.name, ("dumo", "meanflow", "flow_matching"))
         _choice("objective", "tangent", self.tangent, ("v_hat", "v_target", "blend"))
         _choice("objective", "tangent_query", self.tangent_query, ("own_r", "r_equals_t"))
+        _choice("objective", "identity_velocity", self.identity_velocity, ("v_target", "tangent"))
         for name in ("tangent_blend_images", "interval_curriculum_images", "lambda_u_warmup_images"):
             _check(getattr(self, name) >= 0, f"objective.{name} must be >= 0, got {getattr(self, name)}")
         _check(0.0 < self.interval_cap_start <= 1.0,

@@ -48,6 +48,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("objective.cfg_k=1.0", "objective.cfg_k must be < 1"),
     ("objective.tangent=u_hat", "objective.tangent must be one of v_hat, v_target, blend"),
     ("objective.tangent_query=r0", "objective.tangent_query must be one of own_r, r_equals_t"),
+    ("objective.identity_velocity=v_hat", "objective.identity_velocity must be one of v_target, tangent"),
     ("objective.interval_cap_start=0", "objective.interval_cap_start must be in (0, 1], got 0"),
     ("objective.lambda_u_warmup_images=-128", "objective.lambda_u_warmup_images must be >= 0"),
     ("objective.lambda_boundary=-1", "objective.lambda_boundary must be >= 0"),

@@ -125,9 +125,11 @@ def v_head(model, nb, r):
     ({"tangent": "blend", "tangent_blend_images": 1000}, 0, lambda m, nb: nb.v_t),
     ({"tangent": "blend", "tangent_blend_images": 1000}, 250, lambda m, nb: 0.25 * v_head(m, nb, nb.r) + 0.75 * nb.v_t),
     ({"tangent": "blend", "tangent_blend_images": 1000}, 5000, lambda m, nb: v_head(m, nb, nb.r)),
+    ({"identity_velocity": "tangent"}, 0, lambda m, nb: v_head(m, nb, nb.r)),
 ])
 def test_tangent_knobs_give_the_hand_built_target(random_micro_model, knobs, images, tangent_of):
-    """tangent v_target | blend (v_target -> v_hat over tangent_blend_images) and tangent_query r_equals_t."""
+    """tangent v_target | blend (v_target -> v_hat over tangent_blend_images), tangent_query r_equals_t, and
+    identity_velocity tangent (the tangent, not v_t, in u_tgt = v - (t - r) du/dt)."""
     from dumo_ray.flow import u_and_dudt
     from dumo_ray.flow.path import broadcast_time
 
@@ -136,8 +138,10 @@ def test_tangent_knobs_give_the_hand_built_target(random_micro_model, knobs, ima
     data = batch(8)
     _, terms = objective(random_micro_model, data, torch.Generator().manual_seed(5), images=images)
     nb = objective.draw(data, torch.Generator().manual_seed(5))
-    _, u, dudt = u_and_dudt(random_micro_model, nb.x_t, nb.t, nb.r, nb.y, tangent_of(random_micro_model, nb))
-    u_target = nb.v_t - broadcast_time(nb.t - nb.r, dudt) * dudt
+    tangent = tangent_of(random_micro_model, nb)
+    _, u, dudt = u_and_dudt(random_micro_model, nb.x_t, nb.t, nb.r, nb.y, tangent)
+    velocity = tangent if knobs.get("identity_velocity") == "tangent" else nb.v_t
+    u_target = velocity - broadcast_time(nb.t - nb.r, dudt) * dudt
     torch.testing.assert_close(terms["loss_u"], ((u - u_target) ** 2).flatten(1).sum(1).mean().detach(), rtol=1e-5, atol=1e-6)
 
 

@@ -140,7 +140,7 @@ class DuMoObjective(Objective):
         v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent,
                                         estimator=cfg.estimator, fd_step=cfg.fd_step,
                                         compile_jvp=cfg.compile_jvp)
-        u_target = self.flow_map_target(nb, v_target, dudt)
+        u_target = self.flow_map_target(nb, tangent if cfg.identity_velocity == "tangent" else v_target, dudt)
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
         loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
         loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
