@@ -33,11 +33,15 @@ OBJECTIVES = ("dumo", "meanflow", "flow_matching")
 
 
 def load_arms(path: str | None) -> dict[str, list[str]]:
+    """Arm name -> overrides. A `_base` entry in the file is put before every arm's own overrides, so the
+    arms keep their meaning when the shipped defaults move."""
     if path is None:
         return {name: [f"objective.name={name}"] for name in OBJECTIVES}
     import yaml
 
-    return {name: list(overrides or []) for name, overrides in yaml.safe_load(Path(path).read_text()).items()}
+    arms = {name: list(overrides or []) for name, overrides in yaml.safe_load(Path(path).read_text()).items()}
+    base = arms.pop("_base", [])
+    return {name: [*base, *overrides] for name, overrides in arms.items()}
 
 
 def arm_config(overrides: list[str], preset: str | None, extra: list[str] = ()):

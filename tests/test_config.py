@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from dumo_ray.config import Config, ConfigError, load_config, parse_override, save_config
+from dumo_ray.config import Config, ConfigError, ObjectiveConfig, load_config, parse_override, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,6 +12,9 @@ def test_defaults_are_the_paper_recipe():
     assert cfg.model.preset == "DuMo-XL/2" and cfg.model.time_scale == 1.0
     assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.batch_size, cfg.optim.ema_decay) == (1e-4, 0.9, 0.95, 256, 0.9999)
     assert cfg.objective.name == "dumo" and cfg.objective.resolved_equal_fraction == 0.0
+    # The DuMo study's winner (README): tangent v_target, u-loss weighted with p = 0.5; MeanFlow keeps p = 1.
+    assert cfg.objective.tangent == "v_target" and cfg.objective.resolved_adaptive_p_u == 0.5
+    assert ObjectiveConfig(name="meanflow").resolved_adaptive_p_u == 1.0
     assert (cfg.objective.time_mean, cfg.objective.time_std) == (-0.4, 1.0)
 
 

@@ -68,6 +68,7 @@ def batch(n=64, seed=0):
 
 @pytest.mark.parametrize("name,extra", [
     ("dumo", {}),
+    ("dumo", {"tangent": "v_hat"}),
     ("dumo", {"estimator": "finite_difference"}),
     ("dumo", {"tangent": "v_target", "cfg_w": 0.5, "cfg_k": 0.3}),
     ("meanflow", {}),
@@ -98,7 +99,7 @@ def test_dumo_terms_match_a_hand_built_target(random_micro_model):
     from dumo_ray.flow import u_and_dudt
     from dumo_ray.flow.path import broadcast_time
 
-    cfg = ObjectiveConfig(name="dumo", cfg_w=1.0, cfg_k=0.0, class_dropout=0.0, adaptive_p_v=0.0, adaptive_p_u=0.0)
+    cfg = ObjectiveConfig(name="dumo", tangent="v_hat", cfg_w=1.0, cfg_k=0.0, class_dropout=0.0, adaptive_p_v=0.0, adaptive_p_u=0.0)
     objective = build_objective(cfg, num_classes=10)
     data = batch(8)
     loss, terms = objective(random_micro_model, data, torch.Generator().manual_seed(5))
@@ -121,11 +122,12 @@ def v_head(model, nb, r):
 
 @pytest.mark.parametrize("knobs,images,tangent_of", [
     ({"tangent": "v_target"}, 0, lambda m, nb: nb.v_t),
-    ({"tangent_query": "r_equals_t"}, 0, lambda m, nb: v_head(m, nb, nb.t)),
+    ({"tangent": "v_hat", "tangent_query": "r_equals_t"}, 0, lambda m, nb: v_head(m, nb, nb.t)),
     ({"tangent": "blend", "tangent_blend_images": 1000}, 0, lambda m, nb: nb.v_t),
     ({"tangent": "blend", "tangent_blend_images": 1000}, 250, lambda m, nb: 0.25 * v_head(m, nb, nb.r) + 0.75 * nb.v_t),
     ({"tangent": "blend", "tangent_blend_images": 1000}, 5000, lambda m, nb: v_head(m, nb, nb.r)),
-    ({"identity_velocity": "tangent"}, 0, lambda m, nb: v_head(m, nb, nb.r)),
+    ({"tangent": "v_hat", "identity_velocity": "tangent"}, 0, lambda m, nb: v_head(m, nb, nb.r)),
+    ({}, 0, lambda m, nb: nb.v_t),  # the default: tangent v_target
 ])
 def test_tangent_knobs_give_the_hand_built_target(random_micro_model, knobs, images, tangent_of):
     """tangent v_target | blend (v_target -> v_hat over tangent_blend_images), tangent_query r_equals_t, and

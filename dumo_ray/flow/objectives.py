@@ -143,7 +143,7 @@ class DuMoObjective(Objective):
         u_target = self.flow_map_target(nb, tangent if cfg.identity_velocity == "tangent" else v_target, dudt)
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
         loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
-        loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
+        loss_u = adaptive_weighted(sse_u, cfg.resolved_adaptive_p_u, cfg.adaptive_c_u).mean()
         loss = cfg.lambda_v * loss_v + self.lambda_u(images) * loss_u
         dim = v_hat[0].numel()
         terms = {"loss_v": loss_v.detach(), "loss_u": loss_u.detach(),
@@ -152,7 +152,7 @@ class DuMoObjective(Objective):
             # The u-head's boundary: u(x_t, t, t) is the velocity itself.
             _, u_boundary = model(nb.x_t, nb.t, nb.t, nb.y)
             sse_b = per_sample_sse(u_boundary, v_target)
-            loss_b = adaptive_weighted(sse_b, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
+            loss_b = adaptive_weighted(sse_b, cfg.resolved_adaptive_p_u, cfg.adaptive_c_u).mean()
             loss = loss + cfg.lambda_boundary * loss_b
             terms.update(loss_boundary=loss_b.detach(), mse_boundary=sse_b.detach().mean() / dim)
         return loss, {"loss": loss.detach(), **terms}
@@ -174,7 +174,7 @@ class MeanFlowObjective(Objective):
                                     estimator=cfg.estimator, fd_step=cfg.fd_step, compile_jvp=cfg.compile_jvp)
         u_target = self.flow_map_target(nb, v_target, dudt)
         sse_u = per_sample_sse(u_hat, u_target)
-        loss_u = adaptive_weighted(sse_u, cfg.adaptive_p_u, cfg.adaptive_c_u).mean()
+        loss_u = adaptive_weighted(sse_u, cfg.resolved_adaptive_p_u, cfg.adaptive_c_u).mean()
         loss = self.lambda_u(images) * loss_u
         return loss, {"loss": loss.detach(), "loss_u": loss_u.detach(), "mse_u": sse_u.detach().mean() / u_hat[0].numel()}
 
