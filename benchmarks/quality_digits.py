@@ -13,8 +13,8 @@ set. An arm is a named list of config overrides (`--arms` YAML file); without on
 objectives at their defaults. Wall time per run is reported too (the arms' step costs differ). Prints
 mean +- std over seeds.
 
---budget wall gives every arm the wall time of `--steps` steps of `--reference-arm` (default: dumo as
-first shipped) instead: each arm's step is timed first on this machine (same model and batch, 20 steps),
+--budget wall gives every arm the wall time of `--steps` steps of `--reference-arm` (default: dumo at the
+current defaults; in the study's arms file, `dumo_v1` is dumo as first shipped) instead: each arm's step is timed first on this machine (same model and batch, 20 steps),
 and its step count scaled by the reference's step time / its own.
 """
 from __future__ import annotations
@@ -136,6 +136,8 @@ def main() -> None:
                    help="train nothing: log an earlier --json result to --mlflow")
     args = p.parse_args()
     if args.log_only:
+        if not args.mlflow:
+            p.error("--log-only needs --mlflow URI (where to log the earlier result)")
         earlier = json.loads(Path(args.log_only).read_text())
         print("MLflow parent run:", log_to_mlflow(args.mlflow, args.experiment, earlier["title"], earlier["settings"],
                                                   earlier["settings"]["runs"]))
