@@ -11,6 +11,7 @@ import torch
 from bench_model import add_model_arguments, bench_device, build_bench_model  # benchmarks/ is on sys.path
 
 from dumo_ray.flow import u_and_dudt
+from dumo_ray.flow.jvp import CompiledDudt
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 add_model_arguments(p)
@@ -29,7 +30,7 @@ y = torch.randint(0, args.classes, (args.batch,), device=device, generator=g)
 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
     _, _, eager = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="never")
     start = time.perf_counter()
-    _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="always")
+    _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="always", compiled_dudt=CompiledDudt())
     seconds = time.perf_counter() - start
 print(f"{args.preset} batch {args.batch} on {device}: |dudt| {float(eager.norm()):.4g}, finite: eager "
       f"{bool(torch.isfinite(eager).all())} compiled {bool(torch.isfinite(compiled).all())}, relative error "

@@ -60,9 +60,9 @@ def ray_rate(root: Path, manifest: dict, *, cache: str, shuffle_buffer: int, mic
 
     from dumo_ray.config import DataConfig
     from dumo_ray.data.loader import LatentBatches, latent_dataset
-    from dumo_ray.train.batch_plan import BatchPlan
+    from dumo_ray.data.batch_plan import BatchPlan
 
-    cfg = DataConfig(source="latents", path=str(root), cache=cache, shuffle_buffer=shuffle_buffer)
+    cfg = DataConfig(path=str(root), cache=cache, shuffle_buffer=shuffle_buffer)
     ds, _, rows, cached = latent_dataset(cfg)
     if not sample:
         return time_batches(ds.iterator().iter_torch_batches(batch_size=micro_batch, drop_last=True), batches, micro_batch)

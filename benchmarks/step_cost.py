@@ -21,7 +21,7 @@ from report import report
 
 from dumo_ray.config import ObjectiveConfig
 from dumo_ray.flow import build_objective, u_and_dudt
-from dumo_ray.flow.jvp import resolve_compile_jvp
+from dumo_ray.flow.jvp import CompiledDudt, resolve_compile_jvp
 from dumo_ray.models import count_parameters
 
 # Dense bf16 peak of the card, for the utilisation column (vendor figures).
@@ -68,7 +68,7 @@ def check_kernels(model, device, batch: int) -> dict[str, str]:
         found["JVP (fp32, math attention)"] = f"dudt {dudt.dtype}, finite={bool(torch.isfinite(dudt).all())}"
         if resolve_compile_jvp("auto", device):
             start = time.perf_counter()
-            _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="always")
+            _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="always", compiled_dudt=CompiledDudt())
             # dudt is exactly 0 at initialisation (zero-initialised u-head): benchmarks/check_compiled_jvp.py
             # compares on random weights.
             found["compiled JVP (objective.compile_jvp)"] = (f"first call {time.perf_counter() - start:.0f} s "

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--address", default=None, help=f"job server URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_JOB_ADDRESS})")
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights (a grid, or K images on Ray)")
-    sample.add_argument("--checkpoint", required=True, help="EMA export folder, checkpoint directory or its state.pt")
+    sample.add_argument("--checkpoint", required=True, help="EMA export folder or training checkpoint directory (of either launcher)")
     sample.add_argument("--steps", type=int, default=1, help="1, 2 or N sampling steps (default 1)")
     sample.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
     sample.add_argument("--labels", type=_labels, default=None,
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.address:
                 cfg.distributed.address = args.address
             if cfg.distributed.launcher == "local":
-                from dumo_ray.train.loop import train_single_process
+                from dumo_ray.train.launch import train_local
 
-                train_single_process(cfg)
+                train_local(cfg)
             else:
                 from dumo_ray.train.launch import fit
 

@@ -167,10 +167,9 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    """`digits`: scikit-learn's bundled 8x8 digits in memory (single-process trainer only).
-    `latents`: a folder written by `dumo-ray precompute` (Parquet shards + manifest.json)."""
+    """The training data: a latent folder written by `dumo-ray precompute` (Parquet shards + manifest.json),
+    read by both launchers. The digits demo is such a folder too (`dumo-ray digits-tree` + `precompute`)."""
 
-    source: str = "latents"
     path: str = ""
     # Rows with flip=True (the mirrored images' encodings) are extra training samples; false skips them.
     use_flips: bool = True
@@ -183,7 +182,6 @@ class DataConfig:
     cache: str = "auto"  # auto | always | never
 
     def __post_init__(self) -> None:
-        _choice("data", "source", self.source, ("digits", "latents"))
         _choice("data", "normalize", self.normalize, ("manifest", "scale", "none"))
         _positive("data", "latent_scale", self.latent_scale)
         _choice("data", "cache", self.cache, ("auto", "always", "never"))
@@ -194,7 +192,7 @@ class DataConfig:
 class DistributedConfig:
     """How `dumo-ray train` runs: Ray Train workers with DeepSpeed ZeRO, or one local process."""
 
-    launcher: str = "ray"  # ray: TorchTrainer + DeepSpeed | local: this process, plain PyTorch
+    launcher: str = "ray"  # ray: TorchTrainer + DeepSpeed ZeRO | local: this process, plain PyTorch, no Ray
     address: Optional[str] = None  # Ray cluster address; None: RAY_ADDRESS or a new local Ray
     # N, or [min, max] for elastic training: Ray Train starts with as many workers as the cluster can host
     # (up to max), restarts with fewer (>= min) when a node is lost, and scales back up when nodes return.
@@ -330,7 +328,7 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [1, 2])
     # Also score the v-head integrated with this many Euler steps (fd_euler50, ...): DuMo's multi-step view.
     euler_steps: list[int] = field(default_factory=list)
-    # auto: digits for digits data, inception when eval.reference is set, otherwise none.
+    # auto: inception when eval.reference is set, otherwise none.
     features: str = "auto"  # auto | digits | inception | none
     reference: str = ""  # ADM-style reference .npz (mu, sigma) for inception features
     inception_weights: str = ""  # local Inception-v3 weights file; "" reads $DUMO_INCEPTION_WEIGHTS
@@ -462,13 +460,7 @@ def parse_override(text: str) -> dict[str, Any]:
 
 def check_consistency(cfg: Config) -> None:
     """Checks across fields and sections (each section checks its own fields when it is built)."""
-    _check(cfg.data.source != "latents" or bool(cfg.data.path),
-           "data.path must name a latent folder (the --output of `dumo-ray precompute`) when data.source is 'latents'")
-    if cfg.data.source == "digits" and cfg.distributed.launcher != "local":
-        raise ConfigError("data.source 'digits' is the in-memory demo of the local trainer: set distributed.launcher=local, "
-                          "or write the digits as a latent folder (dumo-ray digits-tree + precompute) and use data.source=latents")
-    if cfg.distributed.launcher == "local" and cfg.data.source != "digits":
-        raise ConfigError("distributed.launcher 'local' trains on data.source 'digits' only; latents train through Ray")
+    _check(bool(cfg.data.path), "data.path must name a latent folder (the --output of `dumo-ray precompute`)")
     every = cfg.eval.every_images
     _check(every % cfg.train.log_every_images == 0,
            f"eval.every_images ({every}) must be a multiple of train.log_every_images ({cfg.train.log_every_images}): "
@@ -476,11 +468,6 @@ def check_consistency(cfg: Config) -> None:
     if cfg.eval.features == "inception":
         _check(bool(cfg.eval.reference), "eval.features 'inception' needs eval.reference: an ADM-style reference .npz "
                "(mu, sigma), e.g. VIRTUAL_imagenet256_labeled.npz, or one written by `dumo-ray evaluate --save-reference`")
-    if cfg.data.source == "digits":
-        m = cfg.model
-        _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
-               "data.source 'digits' is 8x8 pixels, 1 channel, 10 classes: set model.input_size=8, "
-               f"model.in_channels=1, model.num_classes=10 (got {m.input_size}, {m.in_channels}, {m.num_classes})")
     if resolved_eval_features(cfg) == "digits":
         m = cfg.model
         _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
@@ -489,11 +476,9 @@ def check_consistency(cfg: Config) -> None:
 
 
 def resolved_eval_features(cfg: Config) -> str:
-    """eval.features with `auto` resolved: digits for the digits data, inception when a reference is set."""
+    """eval.features with `auto` resolved: inception when a reference is set, else none."""
     if cfg.eval.features != "auto":
         return cfg.eval.features
-    if cfg.data.source == "digits":
-        return "digits"
     return "inception" if cfg.eval.reference else "none"
 
 

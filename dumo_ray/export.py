@@ -1,16 +1,15 @@
-"""Consolidated EMA exports: `model.safetensors` + `config.yaml` (+ the latent manifest's statistics),
+"""Consolidated EMA exports: `model.safetensors` + `config.yaml` (+ `latents.json`, the latent codec),
 loadable without DeepSpeed or Ray. `dumo-ray sample` accepts such a folder."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from dumo_ray.config import Config, load_config, save_config
+from dumo_ray.data.codec import LatentCodec
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -18,7 +17,7 @@ LATENTS = "latents.json"
 
 
 def export_ema(directory: str | Path, ema_state: dict[str, torch.Tensor], cfg: Config,
-               latent_info: dict[str, Any] | None = None) -> Path:
+               codec: LatentCodec | None = None) -> Path:
     """Writes the folder atomically (temporary name, then rename)."""
     from safetensors.torch import save_file
 
@@ -28,8 +27,8 @@ def export_ema(directory: str | Path, ema_state: dict[str, torch.Tensor], cfg: C
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / WEIGHTS)
     save_config(cfg, tmp / CONFIG)
-    if latent_info is not None:
-        (tmp / LATENTS).write_text(json.dumps(latent_info, indent=2))
+    if codec is not None:
+        codec.save(tmp / LATENTS)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
@@ -39,14 +38,14 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / WEIGHTS).is_file()
 
 
-def load_export_info(path: str | Path) -> tuple[Config, dict[str, Any] | None]:
-    """The config and latent statistics of an export, without the weights."""
+def load_export_info(path: str | Path) -> tuple[Config, LatentCodec | None]:
+    """The config and latent codec of an export, without the weights."""
     path = Path(path)
-    latents = json.loads((path / LATENTS).read_text()) if (path / LATENTS).is_file() else None
-    return load_config(path / CONFIG), latents
+    codec = LatentCodec.load(path / LATENTS) if (path / LATENTS).is_file() else None
+    return load_config(path / CONFIG), codec
 
 
-def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any] | None]:
+def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, LatentCodec | None]:
     from safetensors.torch import load_file
 
     cfg, latents = load_export_info(path)

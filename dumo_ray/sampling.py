@@ -9,39 +9,39 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dumo_ray.config import Config, config_from_dict
+from dumo_ray.config import Config
+from dumo_ray.data.codec import LatentCodec
 from dumo_ray.eval.grids import save_grid
 from dumo_ray.eval.image_sets import SampleBatchWriter
 from dumo_ray.eval.pixels import to_uint8
 from dumo_ray.export import is_export, load_export, load_export_info
 from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks, sample_plan
-from dumo_ray.train.checkpoint import load_state
-from dumo_ray.train.loop import build_model_from_config
+from dumo_ray.models import build_model_from_config
+from dumo_ray.train.backend import is_checkpoint, load_checkpoint_info, read_ema
 from dumo_ray.vae import LatentDecoder
 
 DEFAULT_CHUNK = 64
 PRECISIONS = ("fp32", "bf16")
 
 
-def load_ema_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict | None]:
-    """An EMA export folder (model.safetensors + config.yaml, from `dumo-ray train` on Ray) or a
-    single-process checkpoint (state.pt). Returns (model, config, latent info or None for pixels)."""
-    if is_export(checkpoint):
-        weights, cfg, latent_info = load_export(checkpoint)
-    else:
-        state = load_state(checkpoint, map_location="cpu")
-        cfg, weights, latent_info = config_from_dict(state["config"]), state["ema"], None
+def load_ema_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, LatentCodec | None]:
+    """An EMA export folder (model.safetensors + config.yaml) or a training checkpoint directory (of either
+    launcher: ema.safetensors + config.yaml). Returns (model, config, latent codec or None)."""
+    cfg, codec = load_model_info(checkpoint)
+    weights = load_export(checkpoint)[0] if is_export(checkpoint) else read_ema(Path(checkpoint))
     model = build_model_from_config(cfg)
     model.load_state_dict(weights)
-    return model.to(device).eval(), cfg, latent_info
+    return model.to(device).eval(), cfg, codec
 
 
-def load_model_info(checkpoint: str | Path) -> tuple[Config, dict | None]:
-    """The config and latent info of a checkpoint without building the model."""
+def load_model_info(checkpoint: str | Path) -> tuple[Config, LatentCodec | None]:
+    """The config and latent codec of an export or checkpoint, without building the model."""
     if is_export(checkpoint):
         return load_export_info(checkpoint)
-    state = load_state(checkpoint, map_location="cpu")
-    return config_from_dict(state["config"]), None
+    if is_checkpoint(checkpoint):
+        return load_checkpoint_info(checkpoint)
+    raise FileNotFoundError(f"no checkpoint at {checkpoint}: expected an EMA export (model.safetensors + config.yaml) "
+                            "or a training checkpoint directory (ema.safetensors + config.yaml)")
 
 
 def check_labels(labels: Sequence[int] | None, num_classes: int) -> list[int]:
@@ -53,11 +53,12 @@ def check_labels(labels: Sequence[int] | None, num_classes: int) -> list[int]:
     return classes
 
 
-def make_decoder(latent_info: dict | None, vae: str | None, device: str | torch.device) -> LatentDecoder | None:
-    """Latent models decode through the manifest's VAE (or `vae`, e.g. a local copy); pixel models need none."""
-    if latent_info is None:
+def make_decoder(codec: LatentCodec | None, vae: str | None, device: str | torch.device) -> LatentDecoder | None:
+    """Latent models decode through the codec's VAE (or `vae`, e.g. a local copy); a model without a
+    codec samples in model space as is."""
+    if codec is None:
         return None
-    return LatentDecoder.from_info({**latent_info, "vae": vae or latent_info["vae"]}, device)
+    return LatentDecoder(codec.with_vae(vae), device)
 
 
 def check_precision(precision: str) -> str:
@@ -85,9 +86,9 @@ def sample_to_file(checkpoint: str | Path, out: str | Path, *, steps: int, num: 
                    method: str | None = None, seed: int = 0, mid: float = 0.5, device: str = "cpu",
                    vae: str | None = None, chunk: int = DEFAULT_CHUNK, precision: str = "fp32") -> Path:
     """One process: a PNG grid, or an ADM sample batch (`arr_0` uint8 NHWC, `arr_1` labels) for `.npz`."""
-    model, cfg, latent_info = load_ema_model(checkpoint, device)
+    model, cfg, codec = load_ema_model(checkpoint, device)
     classes = check_labels(labels, cfg.model.num_classes)
-    images, chosen = draw(model, cfg, make_decoder(latent_info, vae, device), range(num), classes,
+    images, chosen = draw(model, cfg, make_decoder(codec, vae, device), range(num), classes,
                           steps=steps, method=method, seed=seed, mid=mid, chunk=chunk, precision=precision)
     out = Path(out)
     if out.suffix == ".npz":

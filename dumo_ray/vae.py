@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dumo_ray.data.codec import LatentCodec
 
 
 def _not_found(id_or_path: str, err: Exception) -> FileNotFoundError:
@@ -89,24 +93,18 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 class LatentDecoder:
-    """Model-space samples -> images in [-1, 1]: undo the latent normalisation, then the VAE decoder
-    (loaded on first use) or nothing for pixel-space folders (`--vae none`)."""
+    """Model-space samples -> images in [-1, 1]: undo the latent normalisation (the codec), then the VAE
+    decoder (loaded on first use) or nothing for pixel-space folders (`--vae none`)."""
 
-    def __init__(self, vae_id: str, channel_mean, channel_std, device: str | torch.device = "cpu"):
-        self.vae_id = vae_id
-        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.as_tensor(channel_std, dtype=torch.float32).view(1, -1, 1, 1)
+    def __init__(self, codec: "LatentCodec", device: str | torch.device = "cpu"):
+        self.codec = codec
         self.device = device
         self.vae = None
 
-    @classmethod
-    def from_info(cls, info: dict, device: str | torch.device = "cpu") -> "LatentDecoder":
-        return cls(info["vae"], info["channel_mean"], info["channel_std"], device)
-
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        raw = z.float().cpu() * self.std + self.mean
-        if self.vae_id == "none":
+        raw = self.codec.denormalize(z.float().cpu())
+        if self.codec.is_pixels:
             return raw.clamp(-1, 1)
         if self.vae is None:
-            self.vae = load_vae(self.vae_id, self.device)
+            self.vae = load_vae(self.codec.vae, self.device)
         return decode(self.vae, raw).cpu()

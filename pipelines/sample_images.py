@@ -1,4 +1,4 @@
-"""Mass sampling on Ray Data: `num` images from an EMA export (or a single-process state.pt), spread over
+"""Mass sampling on Ray Data: `num` images from an EMA export (or a training checkpoint directory), spread over
 a pool of sampler actors (one GPU each when the cluster has GPUs), decoded through the VAE named in the
 latent manifest, written as PNG files (`<index>_c<label>.png`, by the actors) and/or one ADM sample batch
 `samples.npz` (`arr_0` uint8 NHWC, `arr_1` labels; assembled on the driver through a memory map).
@@ -33,8 +33,8 @@ class SamplerActor:
 
         torch.set_num_threads(max(1, threads))
         device = "cuda" if use_gpu else "cpu"
-        self.model, self.cfg, latent_info = load_ema_model(checkpoint, device)
-        self.decode = make_decoder(latent_info, vae, device)
+        self.model, self.cfg, codec = load_ema_model(checkpoint, device)
+        self.decode = make_decoder(codec, vae, device)
         self.classes, self.steps, self.method, self.seed, self.mid, self.chunk = classes, steps, method, seed, mid, chunk
         self.png_dir, self.keep_images, self.precision = png_dir, keep_images, precision
 

@@ -49,3 +49,20 @@ def digits_latents(local_ray, tmp_path_factory):
     write_digits_tree(root / "tree", limit=400)
     precompute_latents(str(root / "tree"), str(root / "latents"), vae=None, resolution=8, mode="L", shard_size=200)
     return root / "latents"
+
+
+@pytest.fixture(scope="session")
+def digits_latent_folder(tmp_path_factory):
+    """400 digits precomputed in pixel space (--vae none) once per session, through the CLI in a child
+    process (its own Ray, gone when it exits), for the tests of the single-process launcher."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("digits-folder")
+    commands = [["digits-tree", "--output", str(root / "tree"), "--limit", "400"],
+                ["precompute", "--input", str(root / "tree"), "--output", str(root / "latents"), "--vae", "none",
+                 "--resolution", "8", "--grayscale", "--shard-size", "200"]]
+    for command in commands:
+        subprocess.run([sys.executable, "-c", "import sys; from dumo_ray.cli import main; sys.exit(main(sys.argv[1:]))",
+                        *command], check=True, capture_output=True)
+    return root / "latents"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dumo_ray.train.batch_plan import BatchPlan
+from dumo_ray.data.batch_plan import BatchPlan
 
 
 @pytest.mark.parametrize("batch,world,limit", [(128, 1, None), (128, 2, None), (128, 3, None), (10, 4, 2), (256, 7, 16)])

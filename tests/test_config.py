@@ -57,7 +57,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("objective.lambda_boundary=-1", "objective.lambda_boundary must be >= 0"),
     ("objective.time_sampler=sorted", "objective.time_sampler must be one of logit_normal, uniform, separate"),
     ("objective.r_std=0", "objective.r_std must be > 0"),
-    ("model.input_size=32", "data.source 'digits' is 8x8 pixels"),
+    ("model.input_size=32", "eval.features 'digits' judges 8x8 one-channel images"),
+    ("data.source=digits", "unknown config key data.source"),  # gone: both launchers read latent folders
     ("lr", "override 'lr' must look like section.key=value"),
 ])
 def test_bad_values_fail_with_one_clear_error_naming_the_field(override, message):

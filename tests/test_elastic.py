@@ -144,7 +144,7 @@ def test_in_memory_data_order_does_not_depend_on_the_number_of_workers(cluster):
     import torch
 
     from dumo_ray.data.loader import LatentBatches
-    from dumo_ray.train.batch_plan import BatchPlan
+    from dumo_ray.data.batch_plan import BatchPlan
 
     rows = 96
     ds = ray.data.from_items([{"label": i, "moments": np.zeros((2, 1, 2, 2), np.float16)} for i in range(rows)]).materialize()

@@ -80,13 +80,13 @@ def test_compiled_jvp_pass_equals_the_eager_one(random_micro_model):
     """`objective.compile_jvp` (auto = on for CUDA) fuses the tangent pass with torch.compile; forced on
     here, on the CPU, it must give the eager derivative and leave v and u with their gradients. Also under
     bf16 autocast, where the JVP must stay fp32."""
-    from dumo_ray.flow.jvp import compiled_dudt
-
+    compiled_dudt = CompiledDudt()  # owned by the caller (each objective has one): no process-wide state
     g = torch.Generator().manual_seed(2)
     x, tangent = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t, r, y = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.2, 0.1, 0.5, 0.0]), torch.tensor([0, 3, 7, 10])
     v, u, eager = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="never")
-    v_c, u_c, compiled = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="always")
+    v_c, u_c, compiled = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="always",
+                                    compiled_dudt=compiled_dudt)
     # The compiled kernels sum in another order than the eager ones: compared as the runtime check does
     # (relative norm of the difference; fp32 reordering gives ~1e-6, a wrong graph O(1)).
     assert relative_error(compiled, eager) <= CompiledDudt.tolerance
@@ -95,7 +95,8 @@ def test_compiled_jvp_pass_equals_the_eager_one(random_micro_model):
     assert u_c.requires_grad and v_c.requires_grad and not compiled.requires_grad
     assert relative_error(eager, torch.zeros_like(eager) + eager.mean()) > 0.1  # a real, non-constant derivative
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, u_bf16, compiled_bf16 = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="always")
+        _, u_bf16, compiled_bf16 = u_and_dudt(random_micro_model, x, t, r, y, tangent, compile_jvp="always",
+                                              compiled_dudt=compiled_dudt)
     assert compiled_bf16.dtype == torch.float32 and u_bf16.dtype == torch.bfloat16
     assert relative_error(compiled_bf16, eager) <= CompiledDudt.tolerance
 

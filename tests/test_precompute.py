@@ -98,7 +98,7 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, ti
 
     # The trainer's Ray Data read gives the moments as tensors with their shape (in shard order, like
     # read_shard); plain pyarrow sees the shape in the file metadata.
-    ds, *_ = latent_dataset(DataConfig(source="latents", path=str(out), cache="never"))
+    ds, *_ = latent_dataset(DataConfig(path=str(out), cache="never"))
     batch = ds.take_batch(batch_size=100, batch_format="numpy")
     np.testing.assert_array_equal(batch["moments"], rows["moments"])
     assert json.loads(pq.read_schema(out / manifest["shards"][0]["file"]).metadata[b"dumo_ray.moments_shape"]) == [2, 4, 8, 8]
@@ -205,7 +205,7 @@ def test_training_reads_both_shard_schemas(local_ray, tmp_path, schema):
     stored = np.concatenate([read_shard(tmp_path / s["file"])["moments"] for s in shards])
     np.testing.assert_array_equal(stored, moments)
     for use_flips, keep in [(True, np.ones(10, bool)), (False, ~flips)]:
-        ds, _, rows, _ = latent_dataset(DataConfig(source="latents", path=str(tmp_path), use_flips=use_flips, cache="never"))
+        ds, _, rows, _ = latent_dataset(DataConfig(path=str(tmp_path), use_flips=use_flips, cache="never"))
         batch = ds.take_batch(batch_size=100, batch_format="numpy")
         assert rows == keep.sum()
         np.testing.assert_array_equal(batch["moments"], moments[keep])

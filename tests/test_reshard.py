@@ -22,7 +22,7 @@ def free_port() -> int:
 
 def build_engine(world, load_universal=False):
     from dumo_ray.config import Config, OptimConfig
-    from dumo_ray.train.batch_plan import BatchPlan
+    from dumo_ray.data.batch_plan import BatchPlan
     from dumo_ray.train.deepspeed_engine import deepspeed_config, import_deepspeed
 
     deepspeed = import_deepspeed(False)

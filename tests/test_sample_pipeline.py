@@ -10,9 +10,10 @@ from PIL import Image
 
 from conftest import randomize
 from dumo_ray.config import load_config
+from dumo_ray.data.codec import LatentCodec
 from dumo_ray.export import export_ema
 from dumo_ray.sampling import sample_to_file
-from dumo_ray.train.loop import build_model_from_config
+from dumo_ray.models import build_model_from_config
 from pipelines.sample_images import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def local_ray():
 def make_export(path, latent_info, *overrides):
     cfg = load_config(ROOT / "configs/quickstart.yaml", ["model.preset=DuMo-Micro/2", *overrides])
     model = randomize(build_model_from_config(cfg), std=0.05)
-    return export_ema(path, model.state_dict(), cfg, latent_info)
+    return export_ema(path, model.state_dict(), cfg, LatentCodec.from_dict(latent_info))
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,27 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from dumo_ray.train.step import LocalStepper, NonFiniteError, NonFiniteGuard
+from dumo_ray.config import load_config
+from dumo_ray.train.local_backend import LocalBackend
+from dumo_ray.train.step import NonFiniteError, NonFiniteGuard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_backend(model, grad_clip):
+    """The single-process backend's step around a toy model and SGD."""
+    backend = LocalBackend(load_config(ROOT / "configs/digits_local.yaml", [f"optim.grad_clip={grad_clip}", "train.device=cpu"]))
+    backend.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint=None)
+    return backend
 
 
 def test_nonfinite_loss_is_skipped_and_weights_stay():
     model = torch.nn.Linear(3, 1)
     before = [p.detach().clone() for p in model.parameters()]
-    stepper = LocalStepper(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip=1.0)
+    stepper = plain_backend(model, grad_clip=1.0)
     norm, applied = stepper.step(model(torch.ones(1, 3)).sum() * float("nan"))
     assert not applied and math.isnan(norm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -21,7 +33,7 @@ def test_nonfinite_loss_is_skipped_and_weights_stay():
 def test_infinite_gradient_is_skipped():
     model = torch.nn.Linear(1, 1)
     before = model.weight.detach().clone()
-    stepper = LocalStepper(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip=0.0)
+    stepper = plain_backend(model, grad_clip=0.0)
     loss = torch.sqrt(model.weight - model.weight.detach()).sum()  # value 0, gradient 1 / (2 sqrt(0)) = inf
     assert torch.isfinite(loss)
     norm, applied = stepper.step(loss)

@@ -2,11 +2,12 @@
 
 Driver side: `latent_dataset` reads the shards (file order fixed by the manifest). Worker side:
 `LatentBatches` yields, per optimizer step, this worker's micro-batches of the global batch (see
-`train.batch_plan`), each with its loss weight; it samples z from the stored posterior (seed =
+`data.batch_plan`), each with its loss weight; it samples z from the stored posterior (seed =
 f(seed, rank, step)), normalises it, and skips what a resumed run already consumed.
 
 Two sources:
-- a small (cached) dataset is held whole by every worker and put in a global order each epoch
+- a small (cached) dataset, or any dataset read by the single-process trainer (`read_latents`, plain
+  pyarrow, no Ray), is held whole by every worker and put in a global order each epoch
   (seed = f(seed, epoch)); step k of an epoch is positions [k*B, (k+1)*B) of that order, and each worker
   takes its slice. The images of every step are the same whatever the number of workers, so an elastic
   run that shrinks or grows continues the data order exactly.
@@ -25,9 +26,10 @@ import pyarrow.compute as pc
 import torch
 
 from dumo_ray.config import DataConfig
+from dumo_ray.data.codec import LatentCodec
 from dumo_ray.data.latents import load_manifest, moments_array, sample_normalized
 from dumo_ray.seeding import derive_seed, generator
-from dumo_ray.train.batch_plan import BatchPlan
+from dumo_ray.data.batch_plan import BatchPlan
 
 
 CACHE_LIMIT_BYTES = 2 * 2**30
@@ -52,7 +54,7 @@ def latent_dataset(cfg: DataConfig):
     # Rows in file order, so a seed gives the same batches in every run (Ray reads files in completion
     # order otherwise). The setting is captured when the read is planned, so it is set before it.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    files = [str(Path(cfg.path) / s["file"]) for s in manifest["shards"]]
+    files = shard_files(cfg, manifest)
     drop_flipped = not cfg.use_flips and manifest["flip"]
     ds = ray.data.read_parquet(files, columns=["label", "flip", "moments"]).map_batches(
         _training_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
@@ -65,25 +67,36 @@ def latent_dataset(cfg: DataConfig):
     return ds, manifest, rows, cached
 
 
-def normalization(cfg: DataConfig, manifest: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(channel_mean, channel_std) so that z_normalised = (z - mean) / std."""
-    channels = manifest["latent_shape"][0]
-    if cfg.normalize == "manifest":
-        mean, std = manifest["latent_stats"]["mean"], manifest["latent_stats"]["std"]
-        return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32).clamp_min(1e-6)
-    if cfg.normalize == "scale":
-        return torch.zeros(channels), torch.full((channels,), 1.0 / cfg.latent_scale)
-    return torch.zeros(channels), torch.ones(channels)
+def shard_files(cfg: DataConfig, manifest: dict[str, Any]) -> list[str]:
+    """The Parquet shards in the manifest's order (the order every reader keeps)."""
+    return [str(Path(cfg.path) / s["file"]) for s in manifest["shards"]]
+
+
+def read_latents(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The whole folder in this process with pyarrow, no Ray: (moments (N, 2, C, h, w) float16, labels (N,),
+    manifest), rows in the manifest's file order: the rows a cached Ray dataset holds, in the same order."""
+    import pyarrow.parquet as pq
+
+    manifest = load_manifest(cfg.path)
+    shape = tuple(manifest["moments_shape"])
+    drop_flipped = not cfg.use_flips and manifest["flip"]
+    moments, labels = [], []
+    for file in shard_files(cfg, manifest):
+        table = pq.read_table(file, columns=["label", "flip", "moments"])
+        if drop_flipped:
+            table = table.filter(pc.invert(table.column("flip")))
+        moments.append(torch.from_numpy(moments_array(table.column("moments"), shape)))
+        labels.append(torch.from_numpy(table.column("label").to_numpy().astype(np.int64)))
+    return torch.cat(moments), torch.cat(labels), manifest
 
 
 class LatentBatches:
     """Endless lists of ({"x0", "y"} micro-batch, loss weight), one list per optimizer step, for one
-    worker; reproducible and resumable by step. `source`: this worker's dataset shard (streamed) or the
-    whole dataset (in_memory)."""
+    worker; reproducible and resumable by step. `source`: this worker's dataset shard (streamed), the
+    whole Ray dataset (in_memory), or the (moments, labels) tensors of `read_latents` (in memory)."""
 
     def __init__(self, source, *, plan: BatchPlan, rows: int, seed: int, shuffle_buffer: int,
-                 channel_mean: torch.Tensor, channel_std: torch.Tensor, device: torch.device,
-                 start_step: int = 0, in_memory: bool = False):
+                 codec: LatentCodec, device: torch.device, start_step: int = 0, in_memory: bool = False):
         self.source, self.plan, self.rank, self.seed = source, plan, plan.rank, seed
         self.share = plan.share(plan.rank)
         self.shuffle_buffer = shuffle_buffer
@@ -94,7 +107,8 @@ class LatentBatches:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{rows} rows cannot fill one global batch of {plan.global_batch} "
                              f"over {plan.world_size} workers")
-        self.mean, self.std = channel_mean.to(device), channel_std.to(device)
+        self.mean = torch.tensor(codec.channel_mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(codec.channel_std, dtype=torch.float32, device=device)
         self.device = device
         self.step = start_step
         self.in_memory = in_memory
@@ -134,9 +148,12 @@ class LatentBatches:
         """Small (cached) datasets: read the whole dataset once, then each epoch take this worker's slice
         of every global batch of one seeded global order. Saves Ray Data's per-epoch start-up, which
         dominates when an epoch is a dozen steps (the digits)."""
-        parts = list(self.source.iter_torch_batches(batch_size=4096))
-        moments = torch.cat([p["moments"] for p in parts])
-        labels = torch.cat([p["label"] for p in parts])
+        if isinstance(self.source, tuple):
+            moments, labels = self.source
+        else:
+            parts = list(self.source.iter_torch_batches(batch_size=4096))
+            moments = torch.cat([p["moments"] for p in parts])
+            labels = torch.cat([p["label"] for p in parts])
         batch, offset = self.plan.global_batch, self.plan.offset
         while True:
             epoch, skip = divmod(self.step, self.steps_per_epoch)

@@ -19,7 +19,8 @@ The JVP stays in fp32 under bf16 autocast: measured on an H200 (benchmarks/profi
 JVP of DuMo-XL/2 is only 12% faster (its time is in unfused elementwise tangent ops, not in matmuls),
 not worth its lost precision. Those elementwise tangent ops are what `torch.compile` fuses:
 `compile_jvp` (auto = on CUDA) runs the `jvp` estimator's pass, without a graph, through a compiled
-function (compiled once per model and input shape; the first step pays the compile).
+function (compiled once per model and input shape; the first step pays the compile). The compiled
+function belongs to whoever owns the `CompiledDudt` (each objective has its own): no process-wide state.
 """
 from __future__ import annotations
 
@@ -112,9 +113,6 @@ class CompiledDudt:
         return dudt
 
 
-compiled_dudt = CompiledDudt()
-
-
 def resolve_compile_jvp(setting: str, device: torch.device) -> bool:
     """`objective.compile_jvp`: always | never | auto (on CUDA, where the fused kernels pay off; the CPU
     keeps the eager pass, whose compile takes minutes for a gain of ~1.5x)."""
@@ -132,19 +130,23 @@ def u_and_dudt(
     estimator: str = "jvp",
     fd_step: float = 5e-3,
     compile_jvp: str = "never",
+    compiled_dudt: CompiledDudt | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (v, u, dudt); v and u carry gradients, dudt is the derivative along (tangent, 0, 1) and
-    carries none."""
+    carries none. `model` is the module to differentiate (the training backend unwraps its engine);
+    `compiled_dudt` is the caller's compiled pass, used when `compile_jvp` resolves to on."""
     if estimator in JVP_BACKENDS:
         jvp = JVP_BACKENDS[estimator]
         compiled = estimator == "jvp" and resolve_compile_jvp(compile_jvp, x_t.device)
+        if compiled and compiled_dudt is None:
+            raise ValueError("compile_jvp is on but no CompiledDudt was given (the objective owns one)")
         if compiled or torch.is_autocast_enabled(x_t.device.type):
             # Mixed precision or compiled: the main pass as the caller set it (bf16 autocast: fast kernels),
             # the JVP without a graph (dudt is a stop-gradient target, so its pass needs no backward), in
-            # fp32. A DeepSpeed engine is unwrapped for the compiled pass: only its module is traced.
+            # fp32.
             with torch.no_grad(), autocast_off(x_t.device.type):
                 if compiled:
-                    dudt = compiled_dudt(getattr(model, "module", model), x_t, t, r, y, tangent)
+                    dudt = compiled_dudt(model, x_t, t, r, y, tangent)
                 else:
                     dudt = dudt_pass(model, x_t, t, r, y, tangent, jvp)
             v, u = model(x_t, t, r, y)

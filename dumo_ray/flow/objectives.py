@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from dumo_ray.config import ObjectiveConfig
-from dumo_ray.flow.jvp import u_and_dudt
+from dumo_ray.flow.jvp import CompiledDudt, u_and_dudt
 from dumo_ray.flow.path import TimeSampler, broadcast_time, conditional_velocity, interpolate
 
 
@@ -62,6 +62,7 @@ class Objective:
         self.null_class = num_classes
         self.times = TimeSampler(cfg.time_sampler, cfg.time_mean, cfg.time_std,
                                  cfg.resolved_equal_fraction, cfg.zero_fraction, cfg.r_mean, cfg.r_std)
+        self.compiled_dudt = CompiledDudt()  # this objective's compiled JVP pass (made on first use, if on)
 
     def draw(self, batch: dict[str, torch.Tensor], generator: torch.Generator, images: int = 0) -> NoisedBatch:
         x0, y = batch["x0"].float(), batch["y"]
@@ -139,7 +140,7 @@ class DuMoObjective(Objective):
         tangent = v_target if share == 0 else v_c if share == 1 else share * v_c + (1 - share) * v_target
         v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent,
                                         estimator=cfg.estimator, fd_step=cfg.fd_step,
-                                        compile_jvp=cfg.compile_jvp)
+                                        compile_jvp=cfg.compile_jvp, compiled_dudt=self.compiled_dudt)
         u_target = self.flow_map_target(nb, tangent if cfg.identity_velocity == "tangent" else v_target, dudt)
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
         loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
@@ -171,7 +172,8 @@ class MeanFlowObjective(Objective):
         else:
             v_target = nb.v_t
         _, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, v_target,
-                                    estimator=cfg.estimator, fd_step=cfg.fd_step, compile_jvp=cfg.compile_jvp)
+                                    estimator=cfg.estimator, fd_step=cfg.fd_step, compile_jvp=cfg.compile_jvp,
+                                    compiled_dudt=self.compiled_dudt)
         u_target = self.flow_map_target(nb, v_target, dudt)
         sse_u = per_sample_sse(u_hat, u_target)
         loss_u = adaptive_weighted(sse_u, cfg.resolved_adaptive_p_u, cfg.adaptive_c_u).mean()

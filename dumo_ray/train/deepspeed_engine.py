@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dumo_ray.config import Config
-from dumo_ray.train.batch_plan import BatchPlan
+from dumo_ray.data.batch_plan import BatchPlan
 
 
 def import_deepspeed(use_gpu: bool):
@@ -31,7 +31,7 @@ def import_deepspeed(use_gpu: bool):
 def deepspeed_config(cfg: Config, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
     """`load_universal`: the checkpoint to load was converted to DeepSpeed's universal format (saved at
     another world size). DeepSpeed is given the plan's nominal micro-batch; the real (possibly uneven)
-    shares are weighted in the loss (train.batch_plan)."""
+    shares are weighted in the loss (data.batch_plan)."""
     config: dict[str, Any] = {
         "train_batch_size": plan.nominal_micro_batch * plan.accumulation * plan.world_size,
         "train_micro_batch_size_per_gpu": plan.nominal_micro_batch,

@@ -1,16 +1,21 @@
-"""Builds and runs the Ray Train `TorchTrainer` (Train V2) for `dumo-ray train`.
+"""The two launchers of `dumo-ray train`, around the one training loop (train.loop):
 
-Rerunning the same command (same `train.storage_path` and `train.name`) resumes the run from its latest
-checkpoint: that is Ray Train V2's behaviour for a run that already exists in storage.
+- `fit`: builds and runs the Ray Train `TorchTrainer` (Train V2); every worker runs DeepSpeed ZeRO.
+- `train_local`: this process, plain PyTorch, no Ray (for debugging and small runs).
+
+Both read the same Parquet latents through `LatentBatches`. Rerunning the same command (same
+`train.storage_path` and `train.name`) resumes the run from its latest checkpoint.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from dumo_ray.config import Config, ConfigError, save_config
-from dumo_ray.data.loader import latent_dataset, normalization
+from dumo_ray.data.codec import LatentCodec
+from dumo_ray.data.loader import LatentBatches, latent_dataset, read_latents
 from dumo_ray.eval.in_training import check_eval_inputs
 
 
@@ -41,6 +46,33 @@ def check_against_manifest(cfg: Config, manifest: dict[str, Any]) -> None:
                           f"model.num_classes={manifest['num_classes']}")
 
 
+def save_run_config(cfg: Config) -> None:
+    """The resolved config next to the run (every checkpoint holds it too)."""
+    if "://" not in cfg.run_dir:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+
+
+def train_local(cfg: Config) -> dict[str, Any]:
+    """One process, plain PyTorch: the whole latent folder in memory (read with pyarrow, no Ray), the
+    same global batch order as a cached dataset on Ray. Returns the run's summary."""
+    from dumo_ray.train.local_backend import LocalBackend
+    from dumo_ray.train.loop import training_loop
+
+    check_eval_inputs(cfg)
+    moments, labels, manifest = read_latents(cfg.data)
+    check_against_manifest(cfg, manifest)
+    codec = LatentCodec.from_manifest(manifest, cfg.data.normalize, cfg.data.latent_scale)
+    save_run_config(cfg)
+    backend = LocalBackend(cfg)
+
+    def batches_from(step: int):
+        return iter(LatentBatches((moments, labels), plan=backend.plan, rows=len(labels), seed=cfg.train.seed,
+                                  shuffle_buffer=0, codec=codec, device=backend.device, start_step=step, in_memory=True))
+
+    return training_loop(cfg, backend, codec, batches_from)
+
+
 def fit(cfg: Config, callbacks: list | None = None):
     """Starts (or connects to) Ray, runs the trainer, returns Ray Train's Result. `callbacks`: Ray Train
     callbacks (a sweep passes the one that forwards evaluations to Tune)."""
@@ -49,6 +81,7 @@ def fit(cfg: Config, callbacks: list | None = None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dumo_ray.train.loop import FAIL_ONCE_ENV
     from dumo_ray.train.worker import train_loop_per_worker
 
     cfg = absolute_paths(cfg)
@@ -62,21 +95,20 @@ def fit(cfg: Config, callbacks: list | None = None):
     d = cfg.distributed
     use_gpu = d.use_gpu if d.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu else {}), **d.worker_resources}
-    mean, std = normalization(cfg.data, manifest)
-    latent_info = {"vae": manifest["vae"]["id"], "channel_mean": mean.tolist(), "channel_std": std.tolist(),
-                   "latent_shape": manifest["latent_shape"], "classes": manifest["classes"]}
-    if "://" not in cfg.run_dir:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    codec = LatentCodec.from_manifest(manifest, cfg.data.normalize, cfg.data.latent_scale)
+    save_run_config(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "rows": rows, "cached": cached, "latent_info": latent_info,
+        train_loop_config={"config": cfg.to_dict(), "rows": rows, "cached": cached, "codec": codec.to_dict(),
                            "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=(d.min_workers, d.max_workers) if d.elastic else d.max_workers,
                                      use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=d.placement_strategy,
                                      elastic_resize_monitor_interval_s=d.elastic_resize_interval_s),
         run_config=RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path,
+                             # The restart tests' fault drill reaches the workers only when the driver sets it.
+                             worker_runtime_env={"env_vars": {FAIL_ONCE_ENV: os.environ[FAIL_ONCE_ENV]}}
+                             if os.environ.get(FAIL_ONCE_ENV) else None,
                              failure_config=FailureConfig(max_failures=d.max_failures), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets={"train": ds},

@@ -1,15 +1,20 @@
-"""The training loop, counted in images. The single-process trainer lives here; the pieces it is made of
-(model/optimizer construction, the step, status lines, sample grids, checkpoints) are shared with the
-distributed trainer.
+"""The one training loop, counted in images, for both launchers.
 
-Resume by rerunning the same command: the newest checkpoint in the run directory (`train.storage_path`/`train.name`) is loaded and the data
-order, time/noise draws and image counter continue from it (all randomness derives from
-(seed, rank, step, purpose), so nothing else needs saving).
+`training_loop(cfg, backend, codec, batches_from)` builds the model, its EMA, the optimizer and the
+objective, resumes from the backend's newest checkpoint, and runs: one objective step per global batch,
+EMA, status lines, in-training evaluation, MLflow, sample grids and checkpoints at image intervals, and at
+the end the sample grids and the consolidated EMA export. What differs between one plain-PyTorch process
+and DeepSpeed ZeRO inside Ray Train workers is behind `backend` (train.backend).
+
+Resume by rerunning the same command: the newest checkpoint is loaded, and the data order, time/noise
+draws and image counter continue from it (all randomness derives from (seed, rank, step, purpose), so
+nothing else needs saving).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,54 +23,33 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from dumo_ray.config import Config, save_config
+from dumo_ray.config import Config
 from dumo_ray.console import say
-from dumo_ray.eval.in_training import TrainingEvaluator, check_eval_inputs, format_scores
-from dumo_ray.data.batches import epoch_batches
-from dumo_ray.data.digits import load_digits_tensors
+from dumo_ray.data.codec import LatentCodec
 from dumo_ray.eval.grids import save_grid
+from dumo_ray.eval.in_training import TrainingEvaluator, format_scores
 from dumo_ray.flow import build_objective
 from dumo_ray.flow.sampler import default_method_and_head, sample, sample_plan
-from dumo_ray.models import build_model, count_parameters
-from dumo_ray.seeding import derive_seed, generator
-from dumo_ray.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from dumo_ray.models import build_model_from_config, count_parameters
+from dumo_ray.seeding import generator
+from dumo_ray.train.backend import Backend, read_ema, read_state, write_common_files
+from dumo_ray.train.devices import autocast
 from dumo_ray.train.ema import EMA
-from dumo_ray.train.step import LocalStepper, NonFiniteGuard
+from dumo_ray.train.step import NonFiniteGuard
+from dumo_ray.train.storage import is_remote, sample_grid_folder, write_export
+from dumo_ray.vae import LatentDecoder
 
+# One step's data: this worker's micro-batches of the global batch, each with its loss weight (data.batch_plan).
+StepBatches = list[tuple[dict[str, torch.Tensor], float]]
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast for the main pass; the JVP and its target switch it off (fp32)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# The fault drill of the restart tests: the last rank raises once when the run passes this image count.
+FAIL_ONCE_ENV = "DUMO_RAY_FAIL_ONCE_AT_IMAGES"
+FAILURE_MARKER = ".injected-failure-done"
 
 
 def round_to_batch(images: int, batch: int) -> int:
     """Intervals are multiples of the global batch (rounded up)."""
     return max(batch, -(-images // batch) * batch)
-
-
-def build_model_from_config(cfg: Config) -> nn.Module:
-    m = cfg.model
-    # Same seed on every rank: the replicas start identical.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.train.seed, "init"))
-        return build_model(m.preset, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                           head_depth=m.head_depth, time_scale=m.time_scale)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -98,11 +82,14 @@ class StatusLine:
         terms = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("images", "images_per_s", "step_time_s"))
         if self.verbose:
             say(f"images {images:,} | {row['images_per_s']:.1f} img/s | {row['step_time_s'] * 1000:.0f} ms/step | {terms}")
+        self.record(row)
+        self.last_images, self.last_time, self.sums, self.steps = images, now, {}, 0
+        return row
+
+    def record(self, row: dict[str, Any]) -> None:
         if self.metrics_path is not None:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-        self.last_images, self.last_time, self.sums, self.steps = images, now, {}, 0
-        return row
 
 
 def sample_for_grid(model: nn.Module, cfg: Config, steps: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,131 +125,149 @@ def evaluation_due(cfg: Config, images: int) -> bool:
     return due or images >= cfg.train.total_images
 
 
+def fault_drill(run_dir: str, images: int, rank: int, world: int) -> None:
+    """Test hook, not a config field: with DUMO_RAY_FAIL_ONCE_AT_IMAGES=N in the workers' environment, the
+    last rank raises once, the first time the run passes image N (a marker in the run folder remembers)."""
+    target = int(os.environ.get(FAIL_ONCE_ENV, "0") or 0)
+    if not target or images < target or rank != world - 1:
+        return
+    marker = Path(run_dir) / FAILURE_MARKER
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(images))
+        raise RuntimeError(f"injected failure at image {images} ({FAIL_ONCE_ENV})")
+
+
 @dataclass
 class Progress:
     step: int = 0
     images: int = 0
 
 
-def run_steps(
-    *,
-    cfg: Config,
-    model: nn.Module,
-    objective: Callable,
-    stepper: Any,
-    update_ema: Callable[[int], None],
-    batches: Iterator[dict[str, torch.Tensor]],
-    progress: Progress,
-    device: torch.device,
-    precision: str,
-    rank: int = 0,
-    on_log: Callable[[dict[str, float]], None] | None = None,
-    on_checkpoint: Callable[[Progress], None] | None = None,
-    on_step: Callable[[Progress], None] | None = None,
-    status: StatusLine | None = None,
-) -> Progress:
-    """The loop shared by both trainers: until train.total_images, one objective step per batch, EMA,
-    status lines and checkpoints at image intervals. `model` is what the objective calls (a plain module
-    or a DeepSpeed engine); `update_ema(step)` folds the current weights into the EMA."""
-    t = cfg.train
-    batch = cfg.optim.batch_size
-    log_every = round_to_batch(t.log_every_images, batch)
-    ckpt_every = round_to_batch(t.checkpoint_every_images, batch)
-    status = status or StatusLine(progress.images)
-    guard = NonFiniteGuard(cfg.distributed.max_nonfinite_steps)
-    model.train()
-    while progress.images < t.total_images:
-        item = next(batches)
-        # A step is one batch (the local trainer) or a list of (micro-batch, loss weight) whose gradients
-        # accumulate (the Ray trainer; see train.batch_plan). Status terms are the last micro-batch's.
-        micro_batches = item if isinstance(item, list) else [(item, 1.0)]
-        for i, (micro, weight) in enumerate(micro_batches):
-            data = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
-            gen = generator(t.seed, rank, progress.step, "objective", *((i,) if i else ()), device=device)
-            with autocast(precision, device):
-                loss, terms = objective(model, data, gen, images=progress.images)
-            loss = loss * weight if weight != 1.0 else loss
-            if i < len(micro_batches) - 1:
-                stepper.accumulate(loss)
-        grad_norm, applied = stepper.step(loss)
-        progress.step += 1
-        progress.images += batch
-        guard.record(applied, progress.images)
-        if applied:
-            update_ema(progress.step)
-            status.add(terms, grad_norm)
-        if on_step is not None:
-            on_step(progress)
-        if progress.images % log_every == 0 or progress.images >= t.total_images:
-            row = status.emit(progress.images)
-            if on_log is not None:
-                on_log(row)
-        if on_checkpoint is not None and (progress.images % ckpt_every == 0 or progress.images >= t.total_images):
-            on_checkpoint(progress)
-    return progress
-
-
-def train_single_process(cfg: Config) -> dict[str, Any]:
-    """Trains on the bundled digits in this process; writes checkpoints, sample grids, metrics.jsonl and
-    (for digits) a summary with class accuracy and FD at each sample step count."""
-    check_eval_inputs(cfg)
-    out = Path(cfg.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-
+def training_loop(cfg: Config, backend: Backend, codec: LatentCodec,
+                  batches_from: Callable[[int], Iterator[StepBatches]]) -> dict[str, Any]:
+    """Trains `cfg` on `backend` until train.total_images. `batches_from(step)` yields this worker's
+    micro-batches for every optimizer step from `step` on. Returns the summary (rank 0; {} elsewhere)."""
+    t, device, main = cfg.train, backend.device, backend.rank == 0
+    log = say if main else (lambda message: None)
     model = build_model_from_config(cfg).to(device)
-    ema = EMA(model, cfg.optim.ema_decay)
+    num_parameters = count_parameters(model)  # before ZeRO-3 partitions the parameters away
+    ema = EMA(model, cfg.optim.ema_decay)  # a full fp32 copy on this worker's device
     optimizer = build_optimizer(cfg, model)
     objective = build_objective(cfg.objective, cfg.model.num_classes)
-    progress = Progress()
+    progress, mlflow_run_id = Progress(), None
+    with backend.latest_checkpoint() as checkpoint:
+        module = backend.prepare(model, optimizer, checkpoint)
+        if checkpoint is not None:
+            ema.load_state_dict(read_ema(checkpoint))
+            state = read_state(checkpoint)
+            progress, mlflow_run_id = Progress(step=state["step"], images=state["images"]), state.get("mlflow_run_id")
+            log(f"resuming from {checkpoint} (image {progress.images:,}, step {progress.step:,})")
+    log(backend.describe())
+    log(f"{cfg.model.preset}: {num_parameters:,} parameters | objective {cfg.objective.name} ({cfg.objective.estimator}) "
+        f"| {device.type} {backend.precision} | {t.total_images:,} images")
 
-    resume = latest_checkpoint(out)
-    if resume is not None:
-        state = load_state(resume, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        progress = Progress(step=int(state["step"]), images=int(state["images"]))
-        say(f"resuming from {resume} (image {progress.images:,}, step {progress.step:,})")
+    tracker = None
+    if main and cfg.tracking.enabled:
+        from dumo_ray.tracking import MlflowRun
 
-    say(f"{cfg.model.preset}: {count_parameters(model):,} parameters | objective {cfg.objective.name} "
-        f"| {device} {precision} | batch {cfg.optim.batch_size} | {cfg.train.total_images:,} images")
-
-    x, y = load_digits_tensors()
-    batches = epoch_batches(x, y, cfg.optim.batch_size, cfg.train.seed, start_image=progress.images)
-
-    def checkpoint(p: Progress) -> None:
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": p.step, "images": p.images, "config": cfg.to_dict()}
-        save_checkpoint(out, p.images, state, keep=cfg.train.keep_checkpoints)
-
-    evaluate = TrainingEvaluator(cfg, device=device)
-    evaluations: dict[int, dict[str, float]] = {}
-
-    def on_log(row: dict[str, float]) -> None:
-        images = int(row["images"])
-        every = cfg.train.sample_every_images
-        if every and images % round_to_batch(every, cfg.optim.batch_size) == 0:
-            write_sample_grids(ema.module, cfg, out / "samples", f"images_{images:012d}")
-        if evaluate.enabled and evaluation_due(cfg, images):
-            evaluations[images] = evaluate(ema.module)
-            say(f"eval at image {images:,}: {format_scores(evaluations[images])}")
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"images": images, **evaluations[images]}) + "\n")
-
+        tracker = MlflowRun(cfg, mlflow_run_id)
+    decoder = LatentDecoder(codec, device)  # the VAE loads on first use (grids: rank 0; eval: all ranks)
+    evaluate = TrainingEvaluator(cfg, decode=decoder, device=device, rank=backend.rank, world=backend.world)
+    local_files = main and not is_remote(cfg.run_dir)
+    if local_files:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    status = StatusLine(progress.images, Path(cfg.run_dir) / "metrics.jsonl" if local_files else None, verbose=main)
+    guard = NonFiniteGuard(cfg.distributed.max_nonfinite_steps)
+    batch = cfg.optim.batch_size
+    log_every, checkpoint_every = round_to_batch(t.log_every_images, batch), round_to_batch(t.checkpoint_every_images, batch)
+    latest_eval: dict[str, float] = {}  # repeated in every report, so a scheduler always sees the metric
+    batches = batches_from(progress.step)
     started = time.perf_counter()
-    run_steps(cfg=cfg, model=model, objective=objective, stepper=LocalStepper(model, optimizer, cfg.optim.grad_clip),
-              update_ema=lambda step: ema.update(model, step), batches=batches, progress=progress, device=device, precision=precision,
-              on_log=on_log, on_checkpoint=checkpoint, status=StatusLine(progress.images, out / "metrics.jsonl"))
-    elapsed = time.perf_counter() - started
 
-    grids = write_sample_grids(ema.module, cfg, out / "samples", "final")
-    summary: dict[str, Any] = {"images": progress.images, "steps": progress.step, "train_seconds": round(elapsed, 1),
-                               "checkpoint": str(latest_checkpoint(out)), "grids": {k: str(v) for k, v in grids.items()}}
-    if evaluate.enabled:
-        summary.update(evaluations.get(progress.images) or evaluate(ema.module))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    say("done: " + json.dumps(summary))
+    def write_common(directory: Path) -> None:
+        state = {"step": progress.step, "images": progress.images, "world_size": backend.world,
+                 "nodes": backend.nodes, "mlflow_run_id": tracker.run_id if tracker else None}
+        write_common_files(directory, ema_state=ema.state_dict(), state=state, cfg=cfg, codec=codec)
+
+    with contextlib.ExitStack() as stack:
+        grid_dir, publish_grid = stack.enter_context(sample_grid_folder(cfg.run_dir)) if main else (None, None)
+
+        def sample_grids(tag: str) -> dict[int, Path]:
+            paths = write_sample_grids(ema.module, cfg, grid_dir, tag, decode=decoder)
+            for path in paths.values():
+                publish_grid(path)
+                if tracker is not None:
+                    tracker.log_artifact(path, "samples")
+            return paths
+
+        try:
+            module.train()
+            while progress.images < t.total_images:
+                # One optimizer step: this worker's micro-batches, gradients accumulated over all but the
+                # last. Status terms are the last micro-batch's.
+                micro_batches = next(batches)
+                for i, (micro, weight) in enumerate(micro_batches):
+                    data = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+                    draws = generator(t.seed, backend.rank, progress.step, "objective", *((i,) if i else ()), device=device)
+                    with autocast(backend.precision, device):
+                        loss, terms = objective(module, data, draws, images=progress.images)
+                    loss = loss * weight if weight != 1.0 else loss
+                    if i < len(micro_batches) - 1:
+                        backend.accumulate(loss)
+                grad_norm, applied = backend.step(loss)
+                progress.step += 1
+                progress.images += batch
+                guard.record(applied, progress.images)
+                if applied:
+                    with backend.full_parameters() as full:
+                        ema.update(full, progress.step)
+                    status.add(terms, grad_norm)
+                fault_drill(cfg.run_dir, progress.images, backend.rank, backend.world)
+                finished = progress.images >= t.total_images
+
+                if progress.images % log_every == 0 or finished:
+                    row = status.emit(progress.images)
+                    metrics = {k: v for k, v in row.items() if k != "images"}
+                    if evaluate.enabled and evaluation_due(cfg, progress.images):
+                        scores = evaluate(ema.module)  # every rank samples its share; rank 0 scores
+                        if main:
+                            latest_eval.update({**scores, "eval_images": progress.images})
+                            metrics.update(scores)
+                            status.record({"images": progress.images, **scores})
+                            log(f"eval at image {progress.images:,}: {format_scores(scores)}")
+                    if tracker is not None:
+                        tracker.log_metrics(metrics, progress.images)
+                    every = t.sample_every_images
+                    if main and every and progress.images % round_to_batch(every, batch) == 0:
+                        sample_grids(f"images_{progress.images:012d}")
+                    backend.report({**row, **latest_eval, "step": progress.step})
+
+                if progress.images % checkpoint_every == 0 or finished:
+                    difference = backend.replica_difference()
+                    backend.save_checkpoint(progress.images, write_common, {
+                        "images": progress.images, "step": progress.step, "rank_param_max_diff": difference, **latest_eval})
+                    log(f"checkpoint at image {progress.images:,} (ranks' parameters differ by at most {difference:.3g})")
+
+            summary: dict[str, Any] = {}
+            if main:
+                grids = sample_grids("final")
+                export = write_export(cfg.run_dir, ema.state_dict(), cfg, codec)
+                if tracker is not None and not is_remote(export):
+                    tracker.log_artifacts(export, "ema_export")
+                summary = {"images": progress.images, "steps": progress.step,
+                           "train_seconds": round(time.perf_counter() - started, 1), "export": export,
+                           "grids": {k: str(v) for k, v in grids.items()},
+                           **{k: v for k, v in latest_eval.items() if k != "eval_images"}}
+                if local_files:
+                    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+                log(f"done at image {progress.images:,}; EMA export: {export}")
+        except BaseException:
+            if tracker is not None:
+                tracker.end("FAILED")
+                tracker = None
+            raise
+        finally:
+            if tracker is not None:
+                tracker.end()
     return summary
