@@ -52,7 +52,7 @@ class ModelConfig:
     time_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        from dumo_ray.models.dit import PRESETS  # local import: the model module is heavy
+        from dumo_ray.model_presets import PRESETS
 
         _choice("model", "preset", self.preset, tuple(PRESETS))
         _positive("model", "input_size", self.input_size)
