@@ -43,7 +43,7 @@ def load_export_info(path: str | Path) -> tuple[Config, dict[str, Any] | None]:
     """The config and latent statistics of an export, without the weights."""
     path = Path(path)
     latents = json.loads((path / LATENTS).read_text()) if (path / LATENTS).is_file() else None
-    return load_config(path / CONFIG), latents
+    return load_config(path / CONFIG, saved=True), latents
 
 
 def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any] | None]:

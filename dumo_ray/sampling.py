@@ -30,7 +30,7 @@ def load_ema_model(checkpoint: str | Path, device: str | torch.device = "cpu") -
         weights, cfg, latent_info = load_export(checkpoint)
     else:
         state = load_state(checkpoint, map_location="cpu")
-        cfg, weights, latent_info = config_from_dict(state["config"]), state["ema"], None
+        cfg, weights, latent_info = config_from_dict(state["config"], saved=True), state["ema"], None
     model = build_model_from_config(cfg)
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg, latent_info
@@ -41,7 +41,7 @@ def load_model_info(checkpoint: str | Path) -> tuple[Config, dict | None]:
     if is_export(checkpoint):
         return load_export_info(checkpoint)
     state = load_state(checkpoint, map_location="cpu")
-    return config_from_dict(state["config"]), None
+    return config_from_dict(state["config"], saved=True), None
 
 
 def check_labels(labels: Sequence[int] | None, num_classes: int) -> list[int]:

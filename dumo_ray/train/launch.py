@@ -5,6 +5,7 @@ checkpoint: that is Ray Train V2's behaviour for a run that already exists in st
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def fit(cfg: Config, callbacks: list | None = None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dumo_ray.train.worker import train_loop_per_worker
+    from dumo_ray.train.worker import FAIL_ONCE_ENV, train_loop_per_worker
 
     cfg = absolute_paths(cfg)
     check_eval_inputs(cfg)
@@ -78,7 +79,11 @@ def fit(cfg: Config, callbacks: list | None = None):
                                      elastic_resize_monitor_interval_s=d.elastic_resize_interval_s),
         run_config=RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path,
                              failure_config=FailureConfig(max_failures=d.max_failures), callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             # A test's fault drill set in this process reaches the workers, whatever Ray
+                             # cluster they run on (job-level env vars were fixed when Ray started).
+                             worker_runtime_env={"env_vars": {FAIL_ONCE_ENV: os.environ[FAIL_ONCE_ENV]}}
+                             if FAIL_ONCE_ENV in os.environ else None),
         datasets={"train": ds},
         # Deterministic block order, so each worker's shard (and its seeded shuffle) repeats exactly. A cached
         # dataset is not split: every worker holds it whole and takes its slice of each global batch, so

@@ -215,7 +215,7 @@ def train_single_process(cfg: Config) -> dict[str, Any]:
     model = build_model_from_config(cfg).to(device)
     ema = EMA(model, cfg.optim.ema_decay)
     optimizer = build_optimizer(cfg, model)
-    objective = build_objective(cfg.objective, cfg.model.num_classes)
+    objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.jvp)
     progress = Progress()
 
     resume = latest_checkpoint(out)
