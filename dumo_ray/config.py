@@ -79,11 +79,11 @@ AutoAlwaysNever = Literal["auto", "always", "never"]
 _SECTION = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
 
 
-def doc(default: Any, description: str, **kwargs: Any) -> Any:
+def doc(default: Any, description: str) -> Any:
     """A field's default and its one-line doc; a list or dict default is copied for each config."""
     if isinstance(default, (list, dict)):
-        return Field(default_factory=lambda: type(default)(default), description=description, **kwargs)
-    return Field(default, description=description, **kwargs)
+        return Field(default_factory=lambda: type(default)(default), description=description)
+    return Field(default, description=description)
 
 
 @dataclass(config=_SECTION)
