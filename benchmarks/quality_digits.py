@@ -63,7 +63,7 @@ def step_seconds(overrides: list[str], preset: str | None) -> float:
     cfg = arm_config(overrides, preset)
     torch.manual_seed(0)
     model = build_model_from_config(cfg)
-    objective_fn = build_objective(cfg.objective, cfg.model.num_classes)
+    objective_fn = build_objective(cfg.objective, cfg.model.num_classes, cfg.jvp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = {"x0": torch.randn(128, 1, 8, 8), "y": torch.randint(0, 10, (128,))}
     return time_variant(model, objective_fn, optimizer, data, torch.device("cpu"), "fp32", steps=20, warmup=5)

@@ -5,7 +5,7 @@
 
 Prints a table (ms/step, images/s, ratio to flow matching, peak memory, model FLOPs utilisation) and
 writes it as JSON (--json). On CUDA the main pass runs in bf16 with the fused (flash) attention and
-the JVP in fp32 with the math kernel, compiled with torch.compile (`objective.compile_jvp: auto`; the
+the JVP in fp32 with the math kernel, compiled with torch.compile (`jvp.compile_jvp: auto`; the
 "eager JVP" row turns it off); the script first checks the kernels are usable and the compiled JVP
 equals the eager one.
 """
@@ -19,7 +19,7 @@ import torch
 from bench_model import add_model_arguments, bench_device, build_bench_model  # benchmarks/ is on sys.path
 from report import report
 
-from dumo_ray.config import ObjectiveConfig
+from dumo_ray.config import JvpConfig, ObjectiveConfig
 from dumo_ray.flow import build_objective, u_and_dudt
 from dumo_ray.flow.jvp import CompiledDudt, resolve_compile_jvp
 from dumo_ray.models import count_parameters
@@ -36,14 +36,15 @@ def forward_flops_per_image(model) -> float:
     return blocks * (24 * tokens * d * d + 4 * tokens * tokens * d)
 
 
+# variant -> (objective settings, jvp settings)
 VARIANTS = {
-    "flow_matching": dict(name="flow_matching"),
-    "meanflow": dict(name="meanflow"),
-    "dumo (guidance off)": dict(name="dumo", cfg_w=1.0, cfg_k=0.0),
-    "dumo (guidance on)": dict(name="dumo"),
-    "dumo eager JVP": dict(name="dumo", compile_jvp="never"),
-    "dumo dual numbers": dict(name="dumo", estimator="dual"),
-    "dumo finite-diff": dict(name="dumo", estimator="finite_difference"),
+    "flow_matching": (dict(name="flow_matching"), {}),
+    "meanflow": (dict(name="meanflow"), {}),
+    "dumo (guidance off)": (dict(name="dumo", cfg_w=1.0, cfg_k=0.0), {}),
+    "dumo (guidance on)": (dict(name="dumo"), {}),
+    "dumo eager JVP": (dict(name="dumo"), dict(compile_jvp="never")),
+    "dumo dual numbers": (dict(name="dumo"), dict(estimator="dual")),
+    "dumo finite-diff": (dict(name="dumo"), dict(estimator="finite_difference")),
 }
 # Forward-equivalents each step executes (fwd = 1, fwd+bwd = 3, JVP ~ 2), for the "all passes" column.
 PASSES = {"flow_matching": 3, "meanflow": 3 + 2, "dumo (guidance off)": 3 + 1 + 2, "dumo (guidance on)": 3 + 2 + 2,
@@ -71,7 +72,7 @@ def check_kernels(model, device, batch: int) -> dict[str, str]:
             _, _, compiled = u_and_dudt(model, x, t, t * 0.5, y, tangent, compile_jvp="always", compiled_dudt=CompiledDudt())
             # dudt is exactly 0 at initialisation (zero-initialised u-head): benchmarks/check_compiled_jvp.py
             # compares on random weights.
-            found["compiled JVP (objective.compile_jvp)"] = (f"first call {time.perf_counter() - start:.0f} s "
+            found["compiled JVP (jvp.compile_jvp)"] = (f"first call {time.perf_counter() - start:.0f} s "
                                                              f"(compiles), finite={bool(torch.isfinite(compiled).all())}")
     return found
 
@@ -126,7 +127,9 @@ def main() -> None:
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             p.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        objective = build_objective(ObjectiveConfig(**VARIANTS[variant]), args.classes)
+        objective_settings, jvp_settings = VARIANTS[variant]
+        objective = build_objective(ObjectiveConfig(**objective_settings), args.classes,
+                                    JvpConfig(**{"estimator": "jvp", **jvp_settings}))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from dumo_ray.config import ConfigError, load_config
+from dumo_ray.config import ConfigError, config_from_dict, describe_config, load_config, read_values
 from dumo_ray.jobs import DEFAULT_ADDRESS as DEFAULT_JOB_ADDRESS
 
 
@@ -20,12 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (rerun the same command to resume)")
+    train.set_defaults(func=run_train)
     train.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
+    show = commands.add_parser("config", help="print the resolved config, each field with its doc and default")
+    show.set_defaults(func=run_config)
+    show.add_argument("--config", default=None, help="YAML config (default: print the defaults)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+
     tune = commands.add_parser("tune", help="a Ray Tune sweep: one full training run per trial, ranked by eval FD")
+    tune.set_defaults(func=run_tune)
     tune.add_argument("--config", required=True, help="the base config every trial starts from")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a base config value (repeatable)")
@@ -43,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="run a dumo-ray command as a job on a Ray cluster",
                                  usage="dumo-ray submit [options] -- <command> [args ...]")
+    submit.set_defaults(func=run_submit)
     submit.add_argument("--address", default=None,
                         help=f"job server URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_JOB_ADDRESS})")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
@@ -57,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("job_command", nargs=argparse.REMAINDER, help="the dumo-ray command to run, after --")
 
     jobs = commands.add_parser("jobs", help="list, follow or stop jobs on a Ray cluster")
+    jobs.set_defaults(func=run_jobs)
     jobs.add_argument("action", choices=["list", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?", help="submission id (logs, stop)")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     jobs.add_argument("--address", default=None, help=f"job server URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_JOB_ADDRESS})")
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights (a grid, or K images on Ray)")
+    sample.set_defaults(func=run_sample)
     sample.add_argument("--checkpoint", required=True, help="EMA export folder or training checkpoint directory (of either launcher)")
     sample.add_argument("--steps", type=int, default=1, help="1, 2 or N sampling steps (default 1)")
     sample.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
@@ -86,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
     evaluate = commands.add_parser("evaluate", help="FID / FD, Inception Score and class accuracy of a sample set")
+    evaluate.set_defaults(func=run_evaluate)
     evaluate.add_argument("--samples", required=True, help="ADM sample batch .npz, or a folder of PNG/JPEG images")
     evaluate.add_argument("--reference", default=None,
                           help="ADM reference batch .npz (mu, sigma), an image .npz/folder, or a latent folder "
@@ -102,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, help="write the results to this file as well")
 
     pre = commands.add_parser("precompute", help="images -> VAE latents -> Parquet shards (Ray Data)")
+    pre.set_defaults(func=run_precompute)
     pre.add_argument("--input", required=True, help="image tree root/<class>/<image>")
     pre.add_argument("--output", required=True, help="folder for the shards and manifest.json")
     pre.add_argument("--vae", required=True,
@@ -116,150 +130,184 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
     ver = commands.add_parser("verify-latents", help="check a precomputed latent folder; decode a few rows to a PNG")
+    ver.set_defaults(func=run_verify_latents)
     ver.add_argument("folder")
     ver.add_argument("--preview", default=None, help="PNG path for decoded rows (default: <folder>/preview.png)")
     ver.add_argument("--vae", default=None, help="VAE to decode with (default: the manifest's)")
 
     digits = commands.add_parser("digits-tree", help="write the bundled digits as an image tree of PNG files")
+    digits.set_defaults(func=run_digits_tree)
     digits.add_argument("--output", required=True)
     digits.add_argument("--limit", type=int, default=None)
     return parser
 
 
+def run_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.address:
+        cfg.distributed.address = args.address
+    if cfg.distributed.launcher == "local":
+        from dumo_ray.train.launch import train_local
+
+        train_local(cfg)
+        return 0
+    from dumo_ray.train.launch import fit
+
+    result = fit(cfg)
+    if result.error is not None:
+        print(f"dumo-ray train: error: the run failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"[dumo-ray] run finished: {result.path}")
+    return 0
+
+
+def run_config(args: argparse.Namespace) -> int:
+    values = read_values(args.config, args.overrides)
+    # The defaults alone are a template, not a run (no data.path): the checks across sections that a
+    # run needs apply to a config file.
+    cfg = config_from_dict(values, check=args.config is not None)
+    print(f"# dumo-ray config: {args.config or 'the defaults'}"
+          + "".join(f" --set {text}" for text in args.overrides))
+    print(describe_config(cfg, values))
+    return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from dumo_ray.jobs import submit
+
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+    env_vars = dict(item.split("=", 1) for item in args.env if "=" in item)
+    if len(env_vars) != len(args.env):
+        raise ValueError("--env takes KEY=VALUE")
+    _, status = submit(command, address=args.address, wait=not args.no_wait, submission_id=args.submission_id,
+                       pip=args.pip, entrypoint_num_cpus=args.entrypoint_num_cpus,
+                       entrypoint_num_gpus=args.entrypoint_num_gpus, entrypoint_memory=args.entrypoint_memory,
+                       env_vars=env_vars, python=args.python)
+    return 0 if status in (None, "SUCCEEDED") else 1
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    from dumo_ray.jobs import job_logs, list_jobs, stop_job
+
+    if args.action != "list" and not args.job_id:
+        raise ValueError(f"jobs {args.action} needs a submission id")
+    if args.action == "list":
+        for job in list_jobs(args.address):
+            print(f"{job['submission_id']:40s} {job['status']:10s} {job['entrypoint']}")
+    elif args.action == "logs":
+        logs = job_logs(args.job_id, args.address, follow=args.follow)
+        if logs is not None:
+            print(logs, end="")
+    else:
+        print(f"[dumo-ray] {'stopping' if stop_job(args.job_id, args.address) else 'not running:'} {args.job_id}")
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from tune.sweep import sweep
+
+    cfg = load_config(args.config, args.overrides)
+    if args.address:
+        cfg.distributed.address = args.address
+    if args.num_samples < 1:
+        raise ValueError("--num-samples must be >= 1")
+    result = sweep(cfg, args.space, num_samples=args.num_samples, scheduler=args.scheduler, search=args.search,
+                   max_concurrent=args.max_concurrent, metric=args.metric, name=args.name)
+    if result["best_config"] is None:
+        print("dumo-ray tune: error: no trial finished with the metric", file=sys.stderr)
+        return 1
+    print(f"[dumo-ray] sweep done; train the best with: dumo-ray train --config {result['best_config']}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    if args.num < 1 or args.steps < 1 or args.chunk < 1:
+        raise ValueError("--num, --steps and --chunk must be >= 1")
+    common = dict(steps=args.steps, num=args.num, labels=args.labels, method=args.method, seed=args.seed,
+                  mid=args.mid, chunk=args.chunk, vae=args.vae, precision=args.precision)
+    if args.out:
+        from dumo_ray.sampling import sample_to_file
+
+        print(f"[dumo-ray] wrote {sample_to_file(args.checkpoint, args.out, **common)}")
+        return 0
+    import ray
+
+    from pipelines.sample_images import sample_images
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    ray.init(address=args.address, ignore_reinit_error=True)
+    try:
+        summary = sample_images(args.checkpoint, args.output_dir, workers=args.workers,
+                                batch_size=args.batch_size, formats=formats, **common)
+    finally:
+        ray.shutdown()
+    print(f"[dumo-ray] {summary['images']:,} images in {summary['seconds']} s -> {args.output_dir}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from dumo_ray.eval.evaluate import evaluate_files
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    results = evaluate_files(args.samples, args.reference, features=args.features,
+                             inception_weights=args.inception_weights, batch_size=args.batch_size,
+                             device=device, limit=args.limit, save_reference_to=args.save_reference, vae=args.vae)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.precompute_latents import precompute_latents
+
+    if args.grayscale and args.vae != "none":
+        raise ValueError("--grayscale only applies with --vae none (the VAE takes RGB)")
+    ray.init(address=args.address, ignore_reinit_error=True)
+    try:
+        precompute_latents(args.input, args.output, vae=None if args.vae == "none" else args.vae,
+                           resolution=args.resolution, flip=args.flip, limit=args.limit,
+                           shard_size=args.shard_size, batch_size=args.batch_size,
+                           num_encoders=args.num_encoders, mode="L" if args.grayscale else "RGB")
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def run_verify_latents(args: argparse.Namespace) -> int:
+    from dumo_ray.data.verify import verify_latents
+
+    preview = args.preview or str(Path(args.folder) / "preview.png")
+    report = verify_latents(args.folder, preview=preview, vae=args.vae)
+    for problem in report["problems"]:
+        print(f"problem: {problem}")
+    print(f"[dumo-ray] {report['shards']} shards, {report['rows']:,} rows, "
+          f"{len(report['problems'])} problems; preview {preview}")
+    return 1 if report["problems"] else 0
+
+
+def run_digits_tree(args: argparse.Namespace) -> int:
+    from dumo_ray.data.digits import write_digits_tree
+
+    count = write_digits_tree(args.output, args.limit)
+    print(f"[dumo-ray] wrote {count} PNG files under {args.output}/<digit>/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":
-            cfg = load_config(args.config, args.overrides)
-            if args.address:
-                cfg.distributed.address = args.address
-            if cfg.distributed.launcher == "local":
-                from dumo_ray.train.launch import train_local
-
-                train_local(cfg)
-            else:
-                from dumo_ray.train.launch import fit
-
-                result = fit(cfg)
-                if result.error is not None:
-                    print(f"dumo-ray train: error: the run failed: {result.error}", file=sys.stderr)
-                    return 1
-                print(f"[dumo-ray] run finished: {result.path}")
-        elif args.command == "submit":
-            from dumo_ray.jobs import submit
-
-            command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
-            env_vars = dict(item.split("=", 1) for item in args.env if "=" in item)
-            if len(env_vars) != len(args.env):
-                raise ValueError("--env takes KEY=VALUE")
-            _, status = submit(command, address=args.address, wait=not args.no_wait, submission_id=args.submission_id,
-                               pip=args.pip, entrypoint_num_cpus=args.entrypoint_num_cpus,
-                               entrypoint_num_gpus=args.entrypoint_num_gpus, entrypoint_memory=args.entrypoint_memory,
-                               env_vars=env_vars, python=args.python)
-            return 0 if status in (None, "SUCCEEDED") else 1
-        elif args.command == "jobs":
-            from dumo_ray.jobs import job_logs, list_jobs, stop_job
-
-            if args.action != "list" and not args.job_id:
-                raise ValueError(f"jobs {args.action} needs a submission id")
-            if args.action == "list":
-                for job in list_jobs(args.address):
-                    print(f"{job['submission_id']:40s} {job['status']:10s} {job['entrypoint']}")
-            elif args.action == "logs":
-                logs = job_logs(args.job_id, args.address, follow=args.follow)
-                if logs is not None:
-                    print(logs, end="")
-            else:
-                print(f"[dumo-ray] {'stopping' if stop_job(args.job_id, args.address) else 'not running:'} {args.job_id}")
-        elif args.command == "tune":
-            from tune.sweep import sweep
-
-            cfg = load_config(args.config, args.overrides)
-            if args.address:
-                cfg.distributed.address = args.address
-            if args.num_samples < 1:
-                raise ValueError("--num-samples must be >= 1")
-            result = sweep(cfg, args.space, num_samples=args.num_samples, scheduler=args.scheduler, search=args.search,
-                           max_concurrent=args.max_concurrent, metric=args.metric, name=args.name)
-            if result["best_config"] is None:
-                print("dumo-ray tune: error: no trial finished with the metric", file=sys.stderr)
-                return 1
-            print(f"[dumo-ray] sweep done; train the best with: dumo-ray train --config {result['best_config']}")
-        elif args.command == "sample":
-            if args.num < 1 or args.steps < 1 or args.chunk < 1:
-                raise ValueError("--num, --steps and --chunk must be >= 1")
-            common = dict(steps=args.steps, num=args.num, labels=args.labels, method=args.method, seed=args.seed,
-                          mid=args.mid, chunk=args.chunk, vae=args.vae, precision=args.precision)
-            if args.out:
-                from dumo_ray.sampling import sample_to_file
-
-                print(f"[dumo-ray] wrote {sample_to_file(args.checkpoint, args.out, **common)}")
-            else:
-                import ray
-
-                from pipelines.sample_images import sample_images
-
-                formats = [f.strip() for f in args.format.split(",") if f.strip()]
-                ray.init(address=args.address, ignore_reinit_error=True)
-                try:
-                    summary = sample_images(args.checkpoint, args.output_dir, workers=args.workers,
-                                            batch_size=args.batch_size, formats=formats, **common)
-                finally:
-                    ray.shutdown()
-                print(f"[dumo-ray] {summary['images']:,} images in {summary['seconds']} s -> {args.output_dir}")
-        elif args.command == "evaluate":
-            import json
-
-            import torch
-
-            from dumo_ray.eval.evaluate import evaluate_files
-
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-            results = evaluate_files(args.samples, args.reference, features=args.features,
-                                     inception_weights=args.inception_weights, batch_size=args.batch_size,
-                                     device=device, limit=args.limit, save_reference_to=args.save_reference, vae=args.vae)
-            text = json.dumps(results, indent=2)
-            print(text)
-            if args.json:
-                from pathlib import Path
-
-                Path(args.json).write_text(text + "\n")
-        elif args.command == "precompute":
-            import ray
-
-            from pipelines.precompute_latents import precompute_latents
-
-            if args.grayscale and args.vae != "none":
-                raise ValueError("--grayscale only applies with --vae none (the VAE takes RGB)")
-            ray.init(address=args.address, ignore_reinit_error=True)
-            try:
-                precompute_latents(args.input, args.output, vae=None if args.vae == "none" else args.vae,
-                                   resolution=args.resolution, flip=args.flip, limit=args.limit,
-                                   shard_size=args.shard_size, batch_size=args.batch_size,
-                                   num_encoders=args.num_encoders, mode="L" if args.grayscale else "RGB")
-            finally:
-                ray.shutdown()
-        elif args.command == "verify-latents":
-            from pathlib import Path
-
-            from dumo_ray.data.verify import verify_latents
-
-            preview = args.preview or str(Path(args.folder) / "preview.png")
-            report = verify_latents(args.folder, preview=preview, vae=args.vae)
-            for problem in report["problems"]:
-                print(f"problem: {problem}")
-            print(f"[dumo-ray] {report['shards']} shards, {report['rows']:,} rows, "
-                  f"{len(report['problems'])} problems; preview {preview}")
-            return 1 if report["problems"] else 0
-        elif args.command == "digits-tree":
-            from dumo_ray.data.digits import write_digits_tree
-
-            count = write_digits_tree(args.output, args.limit)
-            print(f"[dumo-ray] wrote {count} PNG files under {args.output}/<digit>/")
+        return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as err:
         print(f"dumo-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

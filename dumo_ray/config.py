@@ -1,20 +1,22 @@
 """Typed run configuration: dataclasses whose defaults are the paper's recipe, YAML files, dotted overrides.
 
 A config is loaded in three layers: the dataclass defaults, then a YAML file, then `--set a.b=c`
-overrides. Every value is type-checked and range-checked at load time, so a bad value fails with one
-error naming the field (`objective.equal_fraction must be in [0, 1], got 1.5`) before any cluster
-resource is used.
+overrides. pydantic checks every value's type and range at load time, and each failure is turned into
+one line naming the field (`objective.equal_fraction must be in [0, 1], got 1.5`) before any cluster
+resource is used. Every field carries a one-line `description`: `dumo-ray config` prints them.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, PlainValidator, StrictBool, StrictFloat
+from pydantic import StrictInt, StrictStr, ValidationError
+from pydantic.dataclasses import dataclass
+
+from dumo_ray.model_presets import PRESETS
 
 
 class ConfigError(ValueError):
@@ -26,125 +28,133 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{section}.{name} must be one of {', '.join(choices)}; got {value!r}")
+# ---------------------------------------------------------------------------------------------------
+# Field types. Strict: YAML's `true` is not a number and `1` is not a string. A range rule's message
+# is the end of a sentence that the loader starts with the field's dotted name.
 
 
-def _in_unit_interval(section: str, name: str, value: float) -> None:
-    _check(0.0 <= value <= 1.0, f"{section}.{name} must be in [0, 1], got {value}")
+def _rule(test: Callable[[Any], bool], text: str) -> AfterValidator:
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError(text)
+        return value
+    return AfterValidator(check)
 
 
-def _positive(section: str, name: str, value: float) -> None:
-    _check(value > 0, f"{section}.{name} must be > 0, got {value}")
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads `3e-4` (no dot) as a string."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
-@dataclass
+def _workers(value: Any) -> Union[int, list[int]]:
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise ValueError("must be an integer or a list")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError("must be > 0")
+        return value
+    if not (len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and 1 <= value[0] <= value[1]):
+        raise ValueError("must be N or [min, max] with 1 <= min <= max")
+    return value
+
+
+Int, Bool, Str = StrictInt, StrictBool, StrictStr
+Number = Annotated[StrictFloat, BeforeValidator(_yaml_number)]  # ints are accepted (and become floats)
+Positive = Annotated[Number, _rule(lambda v: v > 0, "must be > 0")]
+NonNegative = Annotated[Number, _rule(lambda v: v >= 0, "must be >= 0")]
+Fraction = Annotated[Number, _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")]
+PositiveInt = Annotated[Int, _rule(lambda v: v > 0, "must be > 0")]
+Count = Annotated[Int, _rule(lambda v: v >= 0, "must be >= 0")]
+Steps = Annotated[list[Int], _rule(lambda v: all(s > 0 for s in v), "must be positive")]
+Preset = Annotated[Str, _rule(lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}")]
+Workers = Annotated[Union[int, list[int]], PlainValidator(_workers)]
+AutoAlwaysNever = Literal["auto", "always", "never"]
+
+_SECTION = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
+
+
+def doc(default: Any, description: str) -> Any:
+    """A field's default and its one-line doc; a list or dict default is copied for each config."""
+    if isinstance(default, (list, dict)):
+        return Field(default_factory=lambda: type(default)(default), description=description)
+    return Field(default, description=description)
+
+
+@dataclass(config=_SECTION)
 class ModelConfig:
     """The dual-head DiT (method.md section 2). Defaults: the paper's 679M DuMo-XL/2 on 32x32x4 latents."""
 
-    preset: str = "DuMo-XL/2"
-    input_size: int = 32
-    in_channels: int = 4
-    num_classes: int = 1000
-    # 0: each head is one final layer; k > 0: the last k blocks are duplicated per head (iMF design).
-    head_depth: int = 0
-    # t and t - r enter the sinusoidal embedding as t * time_scale; 1.0 is measured to be right (method 2).
-    time_scale: float = 1.0
+    preset: Preset = doc("DuMo-XL/2", "model size, a row of the presets table (dumo_ray/model_presets.py)")
+    input_size: PositiveInt = doc(32, "latent (or pixel) height and width")
+    in_channels: PositiveInt = doc(4, "latent (or pixel) channels")
+    num_classes: PositiveInt = doc(1000, "class labels; index num_classes is the null class of guidance")
+    head_depth: Int = doc(0, "0: each head is one final layer; k > 0: the last k blocks are duplicated per head (iMF)")
+    time_scale: Positive = doc(1.0, "t and t - r enter the sinusoidal embedding as t * time_scale (1.0 measured right)")
 
     def __post_init__(self) -> None:
-        from dumo_ray.models.dit import PRESETS  # local import: the model module is heavy
-
-        _choice("model", "preset", self.preset, tuple(PRESETS))
-        _positive("model", "input_size", self.input_size)
-        _positive("model", "in_channels", self.in_channels)
-        _positive("model", "num_classes", self.num_classes)
-        _positive("model", "time_scale", self.time_scale)
         depth = PRESETS[self.preset]["depth"]
         _check(0 <= self.head_depth < depth,
                f"model.head_depth must be in [0, {depth - 1}] for {self.preset}, got {self.head_depth}")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class ObjectiveConfig:
-    """Every knob of method.md sections 3-5. `equal_fraction: null` means the objective's own default."""
+    """Every knob of method.md sections 3-5 (how du/dt is computed is in `jvp`)."""
 
-    name: str = "dumo"  # dumo | meanflow | flow_matching
-    # The JVP's x-tangent (dumo): v_target: the (guided) velocity target (the study's winner, with
-    # adaptive_p_u 0.5 and, on small trunks, model.head_depth 1) | v_hat: stopgrad(v-head) (as first shipped)
-    # | blend: v_target at the start, moving linearly to v_hat over tangent_blend_images.
-    tangent: str = "v_target"
-    tangent_blend_images: int = 0
-    # Where the v-head is queried for the tangent: own_r: at the sample's (t, r) | r_equals_t: at (t, t) (iMF).
-    tangent_query: str = "own_r"
-    # The velocity v in the u-target v - (t - r) du/dt: v_target (MeanFlow: the noisy conditional velocity)
-    # | tangent (the same field the JVP follows; with tangent=v_hat the u-head learns the flow map of the
-    # v-head's own ODE from a target without the conditional velocity's noise).
-    identity_velocity: str = "v_target"
-    # Flow matching on the u-head's boundary u(x_t, t, t) = v, weight lambda_boundary (0: off; costs a pass).
-    lambda_boundary: float = 0.0
-    # Interval curriculum: t - r capped at interval_cap_start, the cap growing linearly to 1 over
-    # interval_curriculum_images (0: no cap). lambda_u grows linearly from 0 over lambda_u_warmup_images.
-    interval_cap_start: float = 1.0
-    interval_curriculum_images: int = 0
-    lambda_u_warmup_images: int = 0
-    estimator: str = "jvp"  # jvp (torch.func) | dual (forward-mode dual numbers) | finite_difference
-    fd_step: float = 5e-3
-    compile_jvp: str = "auto"  # auto (on CUDA) | always | never: torch.compile the jvp estimator's pass
-    # logit_normal | uniform: two draws, t the larger, r the smaller | separate: t ~ logit-normal(time_mean,
-    # time_std), r ~ logit-normal(r_mean, r_std), r clipped to <= t (Decoupled MeanFlow's sampler).
-    time_sampler: str = "logit_normal"
-    time_mean: float = -0.4
-    time_std: float = 1.0
-    r_mean: float = -0.4
-    r_std: float = 1.0
-    equal_fraction: Optional[float] = None  # share of samples with r = t (dumo 0.0, meanflow 0.75)
-    zero_fraction: float = 0.0  # share of samples with r = 0
-    lambda_v: float = 1.0
-    lambda_u: float = 1.0
-    adaptive_p_v: float = 1.0
-    adaptive_c_v: float = 1e-3
-    adaptive_p_u: Optional[float] = None  # null: the objective's own default (dumo 0.5, meanflow 1.0)
-    adaptive_c_u: float = 1e-3
-    class_dropout: float = 0.1
-    # Guidance baked into the velocity target inside [cfg_t_lo, cfg_t_hi]: w*v_t + k*v_c + (1-w-k)*v_n.
-    # w = 1, k = 0 turns it off. Defaults: MeanFlow-XL values (effective scale w / (1 - k) = 2.5).
-    cfg_w: float = 0.2
-    cfg_k: float = 0.92
-    cfg_t_lo: float = 0.0
-    cfg_t_hi: float = 0.75
+    name: Literal["dumo", "meanflow", "flow_matching"] = doc("dumo", "the training objective")
+    # The study's winner is v_target (with adaptive_p_u 0.5 and, on small trunks, model.head_depth 1).
+    tangent: Literal["v_hat", "v_target", "blend"] = doc(
+        "v_target", "dumo's JVP x-tangent: v_target (the guided velocity target) | v_hat (stopgrad v-head) | "
+                    "blend (v_target moving linearly to v_hat over tangent_blend_images)")
+    tangent_blend_images: Count = doc(0, "length of the tangent blend, in images")
+    tangent_query: Literal["own_r", "r_equals_t"] = doc(
+        "own_r", "where the v-head is queried for the tangent: own_r at (t, r) | r_equals_t at (t, t) (iMF)")
+    # `tangent` with tangent=v_hat: the u-head learns the flow map of the v-head's own ODE, without the
+    # conditional velocity's noise in its target.
+    identity_velocity: Literal["v_target", "tangent"] = doc(
+        "v_target", "the v in the u-target v - (t - r) du/dt: v_target (MeanFlow) | tangent (the JVP's field)")
+    lambda_boundary: NonNegative = doc(
+        0.0, "weight of flow matching on the u-head's boundary u(x_t, t, t) = v (0: off; costs a pass)")
+    interval_cap_start: Annotated[Number, _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")] = doc(1.0, "curriculum: t - r capped at this, the cap growing linearly to 1")
+    interval_curriculum_images: Count = doc(0, "images over which the interval cap grows to 1 (0: no cap)")
+    lambda_u_warmup_images: Count = doc(0, "lambda_u grows linearly from 0 over this many images")
+    # separate is Decoupled MeanFlow's sampler.
+    time_sampler: Literal["logit_normal", "uniform", "separate"] = doc(
+        "logit_normal", "(t, r): two draws, t the larger (logit_normal, uniform) | separate: t and r each "
+                        "logit-normal, r clipped to <= t")
+    time_mean: Number = doc(-0.4, "logit-normal mean of t (of both draws unless time_sampler is separate)")
+    time_std: Positive = doc(1.0, "logit-normal std of t")
+    r_mean: Number = doc(-0.4, "logit-normal mean of r (time_sampler separate)")
+    r_std: Positive = doc(1.0, "logit-normal std of r (time_sampler separate)")
+    equal_fraction: Optional[Fraction] = doc(None, "share of samples with r = t; null: dumo 0.0, meanflow 0.75")
+    zero_fraction: Fraction = doc(0.0, "share of samples with r = 0")
+    lambda_v: NonNegative = doc(1.0, "weight of the v-head's loss")
+    lambda_u: NonNegative = doc(1.0, "weight of the u-head's loss")
+    adaptive_p_v: NonNegative = doc(1.0, "v-loss weighted L / (L + c)^p: this p")
+    adaptive_c_v: Positive = doc(1e-3, "v-loss weighted L / (L + c)^p: this c")
+    adaptive_p_u: Optional[NonNegative] = doc(None, "u-loss weighted L / (L + c)^p: this p; null: dumo 0.5, meanflow 1.0")
+    adaptive_c_u: Positive = doc(1e-3, "u-loss weighted L / (L + c)^p: this c")
+    class_dropout: Fraction = doc(0.1, "share of labels replaced by the null class")
+    # Guidance baked into the velocity target: w*v_t + k*v_c + (1-w-k)*v_n; w = 1, k = 0 turns it off.
+    # Defaults: MeanFlow-XL's (effective scale w / (1 - k) = 2.5).
+    cfg_w: Number = doc(0.2, "guidance: weight of the conditional velocity target v_t")
+    cfg_k: Annotated[Number, _rule(lambda v: v < 1, "must be < 1 (scale w / (1 - k))")] = doc(
+        0.92, "guidance: weight of the model's own conditional velocity")
+    cfg_t_lo: Fraction = doc(0.0, "guidance applies for t in [cfg_t_lo, cfg_t_hi]")
+    cfg_t_hi: Fraction = doc(0.75, "guidance applies for t in [cfg_t_lo, cfg_t_hi]")
 
     def __post_init__(self) -> None:
-        _choice("objective", "name", self.name, ("dumo", "meanflow", "flow_matching"))
-        _choice("objective", "tangent", self.tangent, ("v_hat", "v_target", "blend"))
-        _choice("objective", "tangent_query", self.tangent_query, ("own_r", "r_equals_t"))
-        _choice("objective", "identity_velocity", self.identity_velocity, ("v_target", "tangent"))
-        for name in ("tangent_blend_images", "interval_curriculum_images", "lambda_u_warmup_images"):
-            _check(getattr(self, name) >= 0, f"objective.{name} must be >= 0, got {getattr(self, name)}")
-        _check(0.0 < self.interval_cap_start <= 1.0,
-               f"objective.interval_cap_start must be in (0, 1], got {self.interval_cap_start}")
-        _choice("objective", "estimator", self.estimator, ("jvp", "dual", "finite_difference"))
-        _choice("objective", "compile_jvp", self.compile_jvp, ("auto", "always", "never"))
-        _choice("objective", "time_sampler", self.time_sampler, ("logit_normal", "uniform", "separate"))
-        _positive("objective", "fd_step", self.fd_step)
-        _positive("objective", "time_std", self.time_std)
-        _positive("objective", "r_std", self.r_std)
-        if self.equal_fraction is not None:
-            _in_unit_interval("objective", "equal_fraction", self.equal_fraction)
-        _in_unit_interval("objective", "zero_fraction", self.zero_fraction)
         _check(self.resolved_equal_fraction + self.zero_fraction <= 1.0,
                "objective.equal_fraction + objective.zero_fraction must be <= 1, got "
                f"{self.resolved_equal_fraction} + {self.zero_fraction}")
-        _in_unit_interval("objective", "class_dropout", self.class_dropout)
-        for name in ("lambda_v", "lambda_u", "lambda_boundary", "adaptive_p_v", "resolved_adaptive_p_u"):
-            label = name.removeprefix("resolved_")
-            _check(getattr(self, name) >= 0, f"objective.{label} must be >= 0, got {getattr(self, name)}")
-        _positive("objective", "adaptive_c_v", self.adaptive_c_v)
-        _positive("objective", "adaptive_c_u", self.adaptive_c_u)
-        _in_unit_interval("objective", "cfg_t_lo", self.cfg_t_lo)
-        _in_unit_interval("objective", "cfg_t_hi", self.cfg_t_hi)
         _check(self.cfg_t_lo <= self.cfg_t_hi,
                f"objective.cfg_t_lo ({self.cfg_t_lo}) must be <= objective.cfg_t_hi ({self.cfg_t_hi})")
-        _check(self.cfg_k < 1.0, f"objective.cfg_k must be < 1 (scale w / (1 - k)), got {self.cfg_k}")
 
     @property
     def resolved_equal_fraction(self) -> float:
@@ -161,68 +171,63 @@ class ObjectiveConfig:
         return 0.5 if self.name == "dumo" else 1.0
 
     @property
+    def needs_jvp(self) -> bool:
+        """dumo and meanflow build their u-target from du/dt; flow matching has no u-head to differentiate."""
+        return self.name != "flow_matching"
+
+    @property
     def guidance(self) -> bool:
         return not (self.cfg_w == 1.0 and self.cfg_k == 0.0)
 
 
-@dataclass
+@dataclass(config=_SECTION)
+class JvpConfig:
+    """How du/dt (the u-head's derivative along the flow) is computed: runtime knobs, not the method's."""
+
+    # auto is settled when the config loads (Config below), so the saved config names the estimator used.
+    estimator: Literal["auto", "jvp", "dual", "finite_difference"] = doc(
+        "auto", "jvp (torch.func) | dual (forward-mode dual numbers) | finite_difference | auto: "
+                "finite_difference under distributed.zero_stage 3, else jvp")
+    fd_step: Positive = doc(5e-3, "step h of the finite-difference estimator (along the trajectory, back in t)")
+    compile_jvp: AutoAlwaysNever = doc("auto", "torch.compile the jvp estimator's pass: auto (on CUDA) | always | never")
+
+
+@dataclass(config=_SECTION)
 class DataConfig:
     """The training data: a latent folder written by `dumo-ray precompute` (Parquet shards + manifest.json),
     read by both launchers. The digits demo is such a folder too (`dumo-ray digits-tree` + `precompute`)."""
 
-    path: str = ""
-    # Rows with flip=True (the mirrored images' encodings) are extra training samples; false skips them.
-    use_flips: bool = True
-    # manifest: per-channel mean/std from the manifest; scale: z * latent_scale; none: as stored.
-    normalize: str = "manifest"
-    latent_scale: float = 0.18215
-    shuffle_buffer: int = 4096  # rows in each worker's seeded local shuffle buffer
-    # Keep the decoded dataset in Ray's object store instead of re-reading the Parquet files every epoch:
-    # auto = when it is under 2 GiB (the digits demo yes, ImageNet latents no).
-    cache: str = "auto"  # auto | always | never
-
-    def __post_init__(self) -> None:
-        _choice("data", "normalize", self.normalize, ("manifest", "scale", "none"))
-        _positive("data", "latent_scale", self.latent_scale)
-        _choice("data", "cache", self.cache, ("auto", "always", "never"))
-        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+    path: Str = doc("", "the latent folder (the --output of `dumo-ray precompute`)")
+    use_flips: Bool = doc(True, "also train on the rows with flip=True (the mirrored images' encodings)")
+    normalize: Literal["manifest", "scale", "none"] = doc(
+        "manifest", "manifest: per-channel mean/std of the manifest | scale: z * latent_scale | none: as stored")
+    latent_scale: Positive = doc(0.18215, "the factor of normalize=scale")
+    shuffle_buffer: Count = doc(4096, "rows in each worker's seeded local shuffle buffer")
+    # auto: the digits demo yes, ImageNet latents no.
+    cache: AutoAlwaysNever = doc("auto", "keep the decoded dataset in Ray's object store instead of rereading Parquet "
+                               "every epoch: auto (under 2 GiB) | always | never")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class DistributedConfig:
     """How `dumo-ray train` runs: Ray Train workers with DeepSpeed ZeRO, or one local process."""
 
-    launcher: str = "ray"  # ray: TorchTrainer + DeepSpeed ZeRO | local: this process, plain PyTorch, no Ray
-    address: Optional[str] = None  # Ray cluster address; None: RAY_ADDRESS or a new local Ray
-    # N, or [min, max] for elastic training: Ray Train starts with as many workers as the cluster can host
-    # (up to max), restarts with fewer (>= min) when a node is lost, and scales back up when nodes return.
-    num_workers: Union[int, list[int]] = 1
-    elastic_resize_interval_s: float = 60.0  # how often a running elastic group checks for room to grow
-    worker_resources: dict[str, float] = field(default_factory=dict)  # extra custom resources per worker
-    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    zero_stage: int = 2
-    max_failures: int = 3  # worker restarts (from the last checkpoint) before the run fails
-    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    max_nonfinite_steps: int = 20  # consecutive NaN/Inf steps tolerated (skipped) before stopping
-
-    def __post_init__(self) -> None:
-        _choice("distributed", "launcher", self.launcher, ("ray", "local"))
-        if isinstance(self.num_workers, list):
-            _check(len(self.num_workers) == 2 and 1 <= self.num_workers[0] <= self.num_workers[1],
-                   f"distributed.num_workers must be N or [min, max] with 1 <= min <= max, got {self.num_workers}")
-        else:
-            _positive("distributed", "num_workers", self.num_workers)
-        _check(self.elastic_resize_interval_s >= 0,
-               f"distributed.elastic_resize_interval_s must be >= 0, got {self.elastic_resize_interval_s}")
-        _check(self.cpus_per_worker >= 0, f"distributed.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
-        _check(self.gpus_per_worker >= 0, f"distributed.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        _check(self.zero_stage in (1, 2, 3), f"distributed.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
-        _check(self.max_failures >= -1, f"distributed.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
-        _choice("distributed", "placement_strategy", self.placement_strategy,
-                ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-        _positive("distributed", "max_nonfinite_steps", self.max_nonfinite_steps)
+    launcher: Literal["ray", "local"] = doc("ray", "ray: TorchTrainer + DeepSpeed ZeRO | local: this process, plain PyTorch, no Ray")
+    address: Optional[Str] = doc(None, "Ray cluster address; null: RAY_ADDRESS or a new local Ray")
+    # Elastic: Ray Train starts with as many workers as the cluster can host (up to max), restarts with
+    # fewer (>= min) when a node is lost, and scales back up when nodes return.
+    num_workers: Workers = doc(1, "N, or [min, max] for elastic training")
+    elastic_resize_interval_s: NonNegative = doc(60.0, "how often a running elastic group checks for room to grow")
+    worker_resources: dict[Str, Number] = doc({}, "extra custom Ray resources per worker")
+    use_gpu: Optional[Bool] = doc(None, "null: use GPUs when the cluster has them")
+    cpus_per_worker: NonNegative = doc(1.0, "CPUs reserved per worker (also its torch threads)")
+    gpus_per_worker: NonNegative = doc(1.0, "GPUs per worker when GPUs are used")
+    zero_stage: Annotated[Int, _rule(lambda v: v in (1, 2, 3), "must be 1, 2 or 3")] = doc(2, "DeepSpeed ZeRO stage")
+    max_failures: Annotated[Int, _rule(lambda v: v >= -1, "must be >= -1 (-1: unlimited)")] = doc(
+        3, "worker restarts (from the last checkpoint) before the run fails; -1: unlimited")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
+        "PACK", "Ray placement group strategy of the workers")
+    max_nonfinite_steps: PositiveInt = doc(20, "consecutive NaN/Inf steps tolerated (skipped) before stopping")
 
     @property
     def min_workers(self) -> int:
@@ -237,127 +242,104 @@ class DistributedConfig:
         return self.min_workers != self.max_workers
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class TrackingConfig:
     """MLflow. Locally a sqlite store (MLflow >= 3.13 refuses `file:` stores); on a cluster an http:// server."""
 
-    enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "dumo-ray"
-    parent_run_id: Optional[str] = None  # set by `dumo-ray tune`: the trial's run is a child of the sweep's run
+    enabled: Bool = doc(True, "log params, metrics, sample grids and the EMA export to MLflow")
+    uri: Str = doc("sqlite:///mlflow.db", "MLflow tracking URI: sqlite:///path.db or http://host:port")
+    experiment: Str = doc("dumo-ray", "MLflow experiment name")
+    parent_run_id: Optional[Str] = doc(None, "set by `dumo-ray tune`: the trial's run is a child of the sweep's run")
 
     def __post_init__(self) -> None:
         _check(not self.uri.startswith("file:") and not self.uri.startswith("/"),
                f"tracking.uri {self.uri!r}: MLflow >= 3.13 refuses file stores; use sqlite:///path.db or http://host:port")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class OptimConfig:
     """Adam(0.9, 0.95), lr 1e-4 constant, no weight decay, global batch 256, EMA 0.9999, clip 1.0."""
 
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 disables clipping
-    batch_size: int = 256  # global batch, images per optimizer step, whatever the number of workers
-    # Largest micro-batch one worker runs at once; a worker's share of the global batch above it is split
-    # into gradient-accumulation steps. None: the whole share in one pass.
-    micro_batch_size: Optional[int] = None
-    ema_decay: float = 0.9999
-
-    def __post_init__(self) -> None:
-        _positive("optim", "lr", self.lr)
-        _check(0.0 <= self.beta1 < 1.0, f"optim.beta1 must be in [0, 1), got {self.beta1}")
-        _check(0.0 <= self.beta2 < 1.0, f"optim.beta2 must be in [0, 1), got {self.beta2}")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
-        _positive("optim", "batch_size", self.batch_size)
-        if self.micro_batch_size is not None:
-            _positive("optim", "micro_batch_size", self.micro_batch_size)
-        _in_unit_interval("optim", "ema_decay", self.ema_decay)
+    lr: Positive = doc(1e-4, "Adam learning rate (constant)")
+    beta1: Annotated[Number, _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")] = doc(0.9, "Adam beta1")
+    beta2: Annotated[Number, _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")] = doc(0.95, "Adam beta2")
+    weight_decay: NonNegative = doc(0.0, "AdamW weight decay")
+    grad_clip: NonNegative = doc(1.0, "gradient norm clip; 0 disables clipping")
+    batch_size: PositiveInt = doc(256, "global batch: images per optimizer step, whatever the number of workers")
+    micro_batch_size: Optional[PositiveInt] = doc(
+        None, "largest micro-batch a worker runs at once (more is accumulated); null: its whole share")
+    ema_decay: Fraction = doc(0.9999, "EMA decay of the weights that sample and are exported")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class TrainConfig:
     """Progress is counted in images; every interval is rounded up to a multiple of the global batch."""
 
-    total_images: int = 240 * 1_281_167  # 240 ImageNet epochs
-    log_every_images: int = 25_600
-    sample_every_images: int = 0  # 0: sample grids only at the end
-    checkpoint_every_images: int = 1_280_000
-    keep_checkpoints: int = 3
-    storage_path: str = "runs"  # local dir, NFS path or s3:// / gs:// URI; the run lives in storage_path/name
-    name: str = "dumo"  # rerunning with the same storage_path and name resumes the run
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    sample_steps: list[int] = field(default_factory=lambda: [1, 2])
-    sample_mid_time: float = 0.5
-    num_sample_images: int = 100  # images in each sample grid (at most a 10 x 10 grid is drawn)
-    # Fault-tolerance drills: the first time a run reaches this many images, one worker raises
-    # (0 = never). A marker file in the run directory keeps the restarted run from failing again.
-    fail_once_at_images: int = 0
-
-    def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, f"train.name must be a plain name, got {self.name!r}")
-        _positive("train", "total_images", self.total_images)
-        _positive("train", "log_every_images", self.log_every_images)
-        _check(self.sample_every_images >= 0, f"train.sample_every_images must be >= 0, got {self.sample_every_images}")
-        _positive("train", "checkpoint_every_images", self.checkpoint_every_images)
-        _positive("train", "keep_checkpoints", self.keep_checkpoints)
-        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
-        _check(all(s > 0 for s in self.sample_steps), f"train.sample_steps must be positive, got {self.sample_steps}")
-        _check(0.0 < self.sample_mid_time < 1.0, f"train.sample_mid_time must be in (0, 1), got {self.sample_mid_time}")
-        _positive("train", "num_sample_images", self.num_sample_images)
+    total_images: PositiveInt = doc(240 * 1_281_167, "training length in images (the default: 240 ImageNet epochs)")
+    log_every_images: PositiveInt = doc(25_600, "status line, metrics and report interval")
+    sample_every_images: Count = doc(0, "sample grid interval; 0: grids only at the end")
+    checkpoint_every_images: PositiveInt = doc(1_280_000, "checkpoint interval")
+    keep_checkpoints: PositiveInt = doc(3, "checkpoints kept (older ones are deleted)")
+    storage_path: Str = doc("runs", "local dir, NFS path or s3:// / gs:// URI; the run lives in storage_path/name")
+    name: Annotated[Str, _rule(lambda v: bool(v) and "/" not in v, "must be a plain name")] = doc(
+        "dumo", "run name; rerunning with the same storage_path and name resumes the run")
+    seed: Int = doc(0, "seed of all randomness (per rank, step and purpose) and the data order")
+    device: Literal["auto", "cpu", "cuda"] = doc("auto", "the local launcher's device: auto | cpu | cuda")
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
+    sample_steps: Steps = doc([1, 2], "sampling steps of the sample grids")
+    sample_mid_time: Annotated[Number, _rule(lambda v: 0 < v < 1, "must be in (0, 1)")] = doc(
+        0.5, "intermediate time of 2-step sampling")
+    num_sample_images: PositiveInt = doc(100, "images in each sample grid (at most a 10 x 10 grid is drawn)")
 
 
 INCEPTION_WEIGHTS_ENV = "DUMO_INCEPTION_WEIGHTS"
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class EvalConfig:
-    """In-training evaluation: the EMA weights sample a fixed, class-balanced set (per-index seeds and
-    labels, the same at every evaluation and whatever the number of workers), and the Frechet distance to
-    the reference (plus class accuracy for the digits, Inception Score for Inception features) is logged
-    to MLflow and reported to Ray Train (`fd_1step`, `fd_2step`, ...), so sweeps can rank on it."""
+    """In-training evaluation: Frechet distance of EMA samples (fd_1step, ...), logged and reported.
 
-    every_images: int = 0  # 0: evaluate only at the end; otherwise a multiple of train.log_every_images
-    num_images: int = 1000  # size of the fixed evaluation set (shared out over the workers)
-    steps: list[int] = field(default_factory=lambda: [1, 2])
-    # Also score the v-head integrated with this many Euler steps (fd_euler50, ...): DuMo's multi-step view.
-    euler_steps: list[int] = field(default_factory=list)
-    # auto: inception when eval.reference is set, otherwise none.
-    features: str = "auto"  # auto | digits | inception | none
-    reference: str = ""  # ADM-style reference .npz (mu, sigma) for inception features
-    inception_weights: str = ""  # local Inception-v3 weights file; "" reads $DUMO_INCEPTION_WEIGHTS
-    chunk: int = 64  # network batch while sampling (fixed, so results do not depend on how work is split)
+    The EMA weights sample a fixed, class-balanced set (per-index seeds and labels, the same at every
+    evaluation and whatever the number of workers), and the Frechet distance to the reference (plus class
+    accuracy for the digits, Inception Score for Inception features) is logged to MLflow and reported to
+    Ray Train (`fd_1step`, `fd_2step`, ...), so sweeps can rank on it."""
 
-    def __post_init__(self) -> None:
-        _check(self.every_images >= 0, f"eval.every_images must be >= 0, got {self.every_images}")
-        _positive("eval", "num_images", self.num_images)
-        _check(bool(self.steps) and all(s > 0 for s in self.steps), f"eval.steps must be positive, got {self.steps}")
-        _check(all(s > 0 for s in self.euler_steps), f"eval.euler_steps must be positive, got {self.euler_steps}")
-        _choice("eval", "features", self.features, ("auto", "digits", "inception", "none"))
-        _positive("eval", "chunk", self.chunk)
+    every_images: Count = doc(0, "0: evaluate only at the end; otherwise a multiple of train.log_every_images")
+    num_images: PositiveInt = doc(1000, "size of the fixed evaluation set (shared out over the workers)")
+    steps: Annotated[Steps, _rule(bool, "must not be empty")] = doc([1, 2], "sampling steps scored (fd_1step, ...)")
+    euler_steps: Steps = doc([], "also score the v-head integrated with this many Euler steps (fd_euler50, ...)")
+    features: Literal["auto", "digits", "inception", "none"] = doc(
+        "auto", "auto: inception when eval.reference is set, else none")
+    reference: Str = doc("", "ADM-style reference .npz (mu, sigma) for inception features")
+    inception_weights: Str = doc("", f"local Inception-v3 weights file; empty: ${INCEPTION_WEIGHTS_ENV}")
+    chunk: PositiveInt = doc(64, "network batch while sampling (fixed, so results do not depend on the split)")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    jvp: JvpConfig = Field(default_factory=JvpConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check(self.optim.batch_size >= self.distributed.max_workers,
                f"optim.batch_size {self.optim.batch_size} is smaller than distributed.num_workers "
                f"{self.distributed.num_workers}: every worker needs at least one image per step")
+        # ZeRO-3's partitioned parameters pass through autograd Functions without a forward-mode rule:
+        # only the finite-difference estimator runs there. Settled here, so the saved config says so.
+        zero3 = self.distributed.zero_stage == 3 and self.objective.needs_jvp
+        if self.jvp.estimator == "auto":
+            self.jvp = dataclasses.replace(self.jvp, estimator="finite_difference" if zero3 else "jvp")
+        _check(not zero3 or self.jvp.estimator == "finite_difference",
+               f"jvp.estimator {self.jvp.estimator!r} does not run under distributed.zero_stage 3 (partitioned "
+               "parameters have no forward-mode derivative): set jvp.estimator=finite_difference (or auto), "
+               "or distributed.zero_stage=2")
 
     @property
     def run_dir(self) -> str:
@@ -372,69 +354,49 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading: YAML + overrides -> typed dataclasses
+# Loading: YAML + overrides -> validated dataclasses; pydantic's errors -> one line naming the field
+
+# Keys that left the config: an old YAML gets told where they went, not just "unknown key".
+MOVED = {
+    "objective.estimator": "moved to jvp.estimator",
+    "objective.fd_step": "moved to jvp.fd_step",
+    "objective.compile_jvp": "moved to jvp.compile_jvp",
+    "data.source": "is gone: both launchers read a latent folder (data.path); the digits demo is one too "
+                   "(`dumo-ray digits-tree` + `dumo-ray precompute --vae none --grayscale`)",
+    "train.fail_once_at_images": "is no longer a config key: the fault drill is a test hook, the environment "
+                                 "variable DUMO_RAY_FAIL_ONCE_AT_IMAGES=N",
+}
+
+_TYPE_ERRORS = {
+    "int_type": "must be an integer", "int_from_float": "must be an integer",
+    "float_type": "must be a number", "float_parsing": "must be a number",
+    "bool_type": "must be true or false", "string_type": "must be a string", "list_type": "must be a list",
+    "dict_type": "must be a mapping", "dataclass_type": "must be a mapping",
+}
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against a field annotation; ints are accepted where floats are expected."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], key)
-        for candidate in inner:
-            try:
-                return _coerce(value, candidate, key)
-            except ConfigError:
-                pass
-        kinds = " or ".join({int: "an integer", float: "a number", str: "a string"}.get(a, "a list") for a in inner)
-        raise ConfigError(f"{key} must be {kinds}, got {value!r}")
-    if origin is list:
-        _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
-        (inner,) = typing.get_args(annotation)
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
-        key_type, value_type = typing.get_args(annotation)
-        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
-        return value
-    if annotation is str:
-        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation} for {key}")
+def _section_keys(loc: tuple) -> list[str]:
+    cls = Config
+    for part in loc:
+        cls = cls.__pydantic_fields__[part].annotation
+    return sorted(cls.__pydantic_fields__)
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in values.items():
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            _check(isinstance(value, dict), f"{prefix}{name} must be a mapping, got {value!r}")
-            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, annotation, f"{prefix}{name}")
-    return cls(**kwargs)
+def _explain(error: dict[str, Any]) -> str:
+    """One pydantic error as one line in our words, starting with the dotted field name."""
+    ctx = error.get("ctx") or {}
+    if isinstance(ctx.get("error"), ConfigError):  # a check across fields: its message names them
+        return str(ctx["error"])
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    kind, got = error["type"], error["input"]
+    if kind == "unexpected_keyword_argument":
+        if key in MOVED:
+            return f"{key} {MOVED[key]}"
+        return f"unknown config key {key} (known: {', '.join(_section_keys(error['loc'][:-1]))})"
+    if kind == "literal_error":
+        return f"{key} must be one of {ctx['expected'].replace(chr(39), '').replace(' or ', ', ')}; got {got!r}"
+    text = str(ctx["error"]) if kind == "value_error" else _TYPE_ERRORS.get(kind, error["msg"])
+    return f"{key} {text}, got {got!r}"
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -459,7 +421,7 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def check_consistency(cfg: Config) -> None:
-    """Checks across fields and sections (each section checks its own fields when it is built)."""
+    """What a run needs across sections (each section, and Config, check their own fields when built)."""
     _check(bool(cfg.data.path), "data.path must name a latent folder (the --output of `dumo-ray precompute`)")
     every = cfg.eval.every_images
     _check(every % cfg.train.log_every_images == 0,
@@ -482,14 +444,35 @@ def resolved_eval_features(cfg: Config) -> str:
     return "inception" if cfg.eval.reference else "none"
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    cfg = _build(Config, values, "")
-    check_consistency(cfg)
+def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before the `jvp` section (an older export or checkpoint), in today's keys. The old
+    worker switched jvp/dual to finite differences under ZeRO-3 at run time; `auto` does that now."""
+    values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    objective, train = values.get("objective", {}), values.get("train", {})
+    moved = {key: objective.pop(key) for key in ("estimator", "fd_step", "compile_jvp") if key in objective}
+    train.pop("fail_once_at_images", None)
+    values.get("data", {}).pop("source", None)
+    if moved:
+        jvp = values["jvp"] = {**moved, **values.get("jvp", {})}
+        if values.get("distributed", {}).get("zero_stage") == 3 and jvp.get("estimator") in ("jvp", "dual"):
+            jvp["estimator"] = "auto"
+    return values
+
+
+def config_from_dict(values: dict[str, Any], *, check: bool = True, saved: bool = False) -> Config:
+    """Validated Config from nested dicts. check: also the cross-section needs of a run (check_consistency);
+    saved: a stored config that may predate today's keys (upgrade_saved)."""
+    try:
+        cfg = Config(**(upgrade_saved(values) if saved else values))
+    except ValidationError as err:
+        raise ConfigError(_explain(err.errors()[0])) from None
+    if check:
+        check_consistency(cfg)
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError naming the bad field."""
+def read_values(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The YAML file's values with the dotted overrides merged in, not yet validated: what the user set."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -499,8 +482,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         values = loaded
     for text in overrides:
         values = _merge(values, parse_override(text))
-    return config_from_dict(values)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                saved: bool = False) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError naming the bad field."""
+    return config_from_dict(read_values(path, overrides), saved=saved)
 
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# `dumo-ray config`: the resolved config with each field's doc and default
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+
+
+def describe_config(cfg: Config, explicit: dict[str, Any] | None = None) -> str:
+    """`cfg` as YAML that loads back, each field followed by `# doc (default D)`. `*` marks a value that
+    differs from its default; an `auto` default the user left alone shows the value it resolved to,
+    unmarked. `explicit`: the values the user set (read_values), to tell the two apart."""
+    explicit = explicit or {}
+    lines = ["# values marked * differ from their default"]
+    for section in dataclasses.fields(Config):
+        part = getattr(cfg, section.name)
+        lines.append(f"{section.name}:  # {type(part).__doc__.strip().splitlines()[0]}")
+        set_here = explicit.get(section.name) if isinstance(explicit.get(section.name), dict) else {}
+        for name, info in type(part).__pydantic_fields__.items():
+            value, default = getattr(part, name), info.get_default(call_default_factory=True)
+            changed = value != default and not (default == "auto" and name not in set_here)
+            entry = f"  {name}: {_yaml_value(value)}"
+            lines.append(f"{entry:<36} # {'*' if changed else ' '} {info.description} (default {_yaml_value(default)})")
+    return "\n".join(lines)

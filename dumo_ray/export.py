@@ -42,7 +42,7 @@ def load_export_info(path: str | Path) -> tuple[Config, LatentCodec | None]:
     """The config and latent codec of an export, without the weights."""
     path = Path(path)
     codec = LatentCodec.load(path / LATENTS) if (path / LATENTS).is_file() else None
-    return load_config(path / CONFIG), codec
+    return load_config(path / CONFIG, saved=True), codec
 
 
 def load_export(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, LatentCodec | None]:

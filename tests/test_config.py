@@ -1,8 +1,15 @@
+import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dumo_ray.config import Config, ConfigError, ObjectiveConfig, load_config, parse_override, save_config
+from dumo_ray.cli import main
+from dumo_ray.config import (Config, ConfigError, ObjectiveConfig, config_from_dict, load_config, parse_override,
+                             save_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +46,14 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("objective.zero_fraction=-0.1", "objective.zero_fraction must be in [0, 1]"),
     ("model.preset=DuMo-XXL/2", "model.preset must be one of"),
     ("objective.name=shortcut", "objective.name must be one of dumo, meanflow, flow_matching"),
-    ("objective.estimator=fd", "objective.estimator must be one of jvp, dual, finite_difference"),
+    ("jvp.estimator=fd", "jvp.estimator must be one of auto, jvp, dual, finite_difference; got 'fd'"),
+    ("jvp.fd_step=0", "jvp.fd_step must be > 0, got 0"),
+    # Keys that moved out get their new place named, not just "unknown".
+    ("objective.estimator=dual", "objective.estimator moved to jvp.estimator"),
+    ("objective.fd_step=0.01", "objective.fd_step moved to jvp.fd_step"),
+    ("objective.compile_jvp=never", "objective.compile_jvp moved to jvp.compile_jvp"),
+    ("train.fail_once_at_images=416", "train.fail_once_at_images is no longer a config key: the fault drill is a "
+                                      "test hook, the environment variable DUMO_RAY_FAIL_ONCE_AT_IMAGES=N"),
     ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
     ("optim.batch_size=12.5", "optim.batch_size must be an integer"),
     ("optim.momentum=0.9", "unknown config key optim.momentum"),
@@ -58,13 +72,118 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("objective.time_sampler=sorted", "objective.time_sampler must be one of logit_normal, uniform, separate"),
     ("objective.r_std=0", "objective.r_std must be > 0"),
     ("model.input_size=32", "eval.features 'digits' judges 8x8 one-channel images"),
-    ("data.source=digits", "unknown config key data.source"),  # gone: both launchers read latent folders
+    ("data.source=digits", "data.source is gone: both launchers read a latent folder"),
     ("lr", "override 'lr' must look like section.key=value"),
+    ("tracking.enabled=1", "tracking.enabled must be true or false, got 1"),
+    ("optim.lr=true", "optim.lr must be a number, got True"),
+    ("train.name=7", "train.name must be a string, got 7"),
+    ("train.name=a/b", "train.name must be a plain name, got 'a/b'"),
+    ("train.sample_steps=[1, x]", "train.sample_steps[1] must be an integer, got 'x'"),
+    ("train.sample_steps=2", "train.sample_steps must be a list, got 2"),
+    ("eval.steps=[]", "eval.steps must not be empty, got []"),
+    ("objective=5", "objective must be a mapping, got 5"),
+    ("objectives.name=dumo", "unknown config key objectives (known: data, distributed, eval, jvp, model, objective"),
+    ("distributed.zero_stage=4", "distributed.zero_stage must be 1, 2 or 3, got 4"),
+    ("model.head_depth=3", "model.head_depth must be in [0, 2] for DuMo-Tiny/2, got 3"),
 ])
 def test_bad_values_fail_with_one_clear_error_naming_the_field(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs/digits_local.yaml", [override])
     assert message in str(err.value)
+
+
+def test_an_old_yaml_names_the_new_key(tmp_path):
+    """A user's YAML from before the jvp section fails on the first moved key, saying where it went."""
+    old = tmp_path / "old.yaml"
+    old.write_text((ROOT / "configs/digits_local.yaml").read_text().replace(
+        "objective:\n", "objective:\n  estimator: finite_difference\n  fd_step: 0.01\n"))
+    with pytest.raises(ConfigError, match=r"^objective.estimator moved to jvp.estimator$"):
+        load_config(old)
+
+
+def test_jvp_estimator_auto_is_settled_when_the_config_loads(tmp_path):
+    """ZeRO-3's partitioned parameters have no forward-mode derivative: `auto` (the default) resolves to
+    finite differences there, and the saved config says so; an explicit jvp or dual is an error naming the fix."""
+    quickstart = ROOT / "configs/quickstart.yaml"
+    assert Config().jvp.estimator == "jvp" and load_config(quickstart).jvp.estimator == "jvp"
+    zero3 = load_config(quickstart, ["distributed.zero_stage=3"])
+    assert zero3.jvp.estimator == "finite_difference"
+    save_config(zero3, tmp_path / "config.yaml")
+    assert "estimator: finite_difference" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == zero3
+    # Flow matching differentiates nothing: auto stays the exact JVP (unused), and jvp is allowed.
+    assert load_config(quickstart, ["distributed.zero_stage=3", "objective.name=flow_matching"]).jvp.estimator == "jvp"
+    load_config(quickstart, ["distributed.zero_stage=3", "objective.name=flow_matching", "jvp.estimator=jvp"])
+    for estimator in ("jvp", "dual"):
+        with pytest.raises(ConfigError) as err:
+            load_config(quickstart, ["distributed.zero_stage=3", f"jvp.estimator={estimator}"])
+        assert str(err.value) == (f"jvp.estimator '{estimator}' does not run under distributed.zero_stage 3 "
+                                  "(partitioned parameters have no forward-mode derivative): set "
+                                  "jvp.estimator=finite_difference (or auto), or distributed.zero_stage=2")
+    explicit = load_config(quickstart, ["jvp.estimator=dual", "jvp.fd_step=1e-3", "jvp.compile_jvp=never"])
+    assert (explicit.jvp.estimator, explicit.jvp.fd_step, explicit.jvp.compile_jvp) == ("dual", 1e-3, "never")
+
+
+def test_a_saved_config_from_before_the_jvp_section_still_loads():
+    """Exports and checkpoints written before the split keep loading (`saved=True`); the estimator the old
+    worker switched to at run time under ZeRO-3 is what `auto` gives now."""
+    values = load_config(ROOT / "configs/quickstart.yaml").to_dict()
+    del values["jvp"]
+    values["objective"].update(estimator="jvp", fd_step=0.01, compile_jvp="never")
+    values["train"]["fail_once_at_images"] = 416
+    values["distributed"]["zero_stage"] = 3
+    with pytest.raises(ConfigError, match="moved to jvp"):
+        config_from_dict(values)
+    cfg = config_from_dict(values, saved=True)
+    assert (cfg.jvp.estimator, cfg.jvp.fd_step, cfg.jvp.compile_jvp) == ("finite_difference", 0.01, "never")
+    values["distributed"]["zero_stage"] = 2
+    assert config_from_dict(values, saved=True).jvp.estimator == "jvp"
+
+
+def test_every_field_has_a_one_line_doc():
+    cfg = Config()
+    for section in dataclasses.fields(Config):
+        for name, info in type(getattr(cfg, section.name)).__pydantic_fields__.items():
+            assert info.description and "\n" not in info.description, f"{section.name}.{name} has no one-line doc"
+
+
+def test_config_command_prints_the_resolved_config_with_docs_and_defaults(capsys):
+    """`dumo-ray config`: YAML that loads back, each field with its doc and default, `*` on changed values."""
+    assert main(["config", "--config", str(ROOT / "configs/quickstart.yaml"), "--set", "optim.lr=3e-4",
+                 "--set", "distributed.zero_stage=3"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["lr"].startswith("  lr: 0.0003 ") and "# * Adam learning rate (constant) (default 0.0001)" in lines["lr"]
+    assert "#   Adam beta1 (default 0.9)" in lines["beta1"]  # unchanged: no mark
+    assert lines["preset"].startswith("  preset: DuMo-Tiny/2 ") and "(default DuMo-XL/2)" in lines["preset"]
+    # auto, left alone, shows what it resolved to, unmarked; the header names the sources.
+    assert lines["estimator"].startswith("  estimator: finite_difference ") and "#   " in lines["estimator"]
+    assert lines["estimator"].endswith("(default auto)")
+    assert out.splitlines()[0] == f"# dumo-ray config: {ROOT / 'configs/quickstart.yaml'} --set optim.lr=3e-4 --set distributed.zero_stage=3"
+    assert "jvp:  # How du/dt" in out
+    # The output is the config itself: it loads back to the same values.
+    loaded = config_from_dict(yaml.safe_load(out))
+    assert loaded == load_config(ROOT / "configs/quickstart.yaml", ["optim.lr=3e-4", "distributed.zero_stage=3"])
+
+    # Without --config: the defaults, nothing marked; an estimator set by hand is marked.
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "# dumo-ray config: the defaults"
+    assert not [line for line in out.splitlines() if line.startswith("  ") and "# * " in line]
+    assert config_from_dict(yaml.safe_load(out), check=False) == Config()
+    assert main(["config", "--set", "jvp.estimator=jvp"]) == 0
+    estimator = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  estimator:"))
+    assert estimator.startswith("  estimator: jvp ") and "# * " in estimator
+    assert main(["config", "--set", "optim.lr=-1"]) == 2
+    assert capsys.readouterr().err.strip() == "dumo-ray config: error: optim.lr must be > 0, got -1"
+
+
+def test_config_does_not_import_torch():
+    """The config sits below the models: checking a preset name must not import torch or timm."""
+    code = "import sys, dumo_ray.config; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "[]"
 
 
 def test_fractions_must_not_exceed_one():

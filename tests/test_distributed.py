@@ -43,7 +43,7 @@ def history(tracking_uri, run_id, key):
 def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path, capfd):
     # The compiled JVP pass (the default on CUDA) is forced on: each worker compiles its engine's module.
     cfg = tiny_config(digits_latents, tmp_path, "zero2", "eval.features=digits", "eval.every_images=256",
-                      "eval.num_images=100", "eval.chunk=16", "objective.compile_jvp=always")
+                      "eval.num_images=100", "eval.chunk=16", "jvp.compile_jvp=always")
     result = fit(cfg)
     assert result.error is None
     assert result.metrics["images"] == 640 and result.metrics["rank_param_max_diff"] == 0.0  # ranks identical
@@ -94,7 +94,10 @@ def test_zero3_trains_the_dumo_objective_and_checkpoints(digits_latents, tmp_pat
     result = fit(cfg)
     assert result.error is None and result.checkpoint is not None
     assert result.metrics["images"] == 320 and result.metrics["rank_param_max_diff"] == 0.0
-    assert "using objective.estimator=finite_difference" in capfd.readouterr().out
+    # The estimator was settled when the config loaded (jvp.estimator auto), and the run says which it used.
+    assert cfg.jvp.estimator == "finite_difference"
+    assert "objective dumo (finite_difference)" in capfd.readouterr().out
+    assert "estimator: finite_difference" in (Path(cfg.run_dir) / "config.yaml").read_text()
 
 
 def test_worker_failure_restarts_from_checkpoint_and_rerun_resumes_exactly(digits_latents, tmp_path, monkeypatch):

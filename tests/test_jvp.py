@@ -77,7 +77,7 @@ def test_dual_number_estimator_equals_functorch_jvp(setting):
 
 
 def test_compiled_jvp_pass_equals_the_eager_one(random_micro_model):
-    """`objective.compile_jvp` (auto = on for CUDA) fuses the tangent pass with torch.compile; forced on
+    """`jvp.compile_jvp` (auto = on for CUDA) fuses the tangent pass with torch.compile; forced on
     here, on the CPU, it must give the eager derivative and leave v and u with their gradients. Also under
     bf16 autocast, where the JVP must stay fp32."""
     compiled_dudt = CompiledDudt()  # owned by the caller (each objective has one): no process-wide state

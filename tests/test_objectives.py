@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dumo_ray.config import ObjectiveConfig
+from dumo_ray.config import JvpConfig, ObjectiveConfig
 from dumo_ray.data.digits import load_digits_tensors
 from dumo_ray.flow import build_objective
 from dumo_ray.flow.objectives import adaptive_weighted, per_sample_sse
@@ -69,7 +69,7 @@ def batch(n=64, seed=0):
 @pytest.mark.parametrize("name,extra", [
     ("dumo", {}),
     ("dumo", {"tangent": "v_hat"}),
-    ("dumo", {"estimator": "finite_difference"}),
+    ("dumo", {"jvp": JvpConfig(estimator="finite_difference", fd_step=5e-3)}),
     ("dumo", {"tangent": "v_target", "cfg_w": 0.5, "cfg_k": 0.3}),
     ("meanflow", {}),
     ("flow_matching", {}),
@@ -77,8 +77,9 @@ def batch(n=64, seed=0):
 def test_each_objective_loss_decreases_on_a_fixed_batch(name, extra):
     torch.manual_seed(0)
     model = build_model("DuMo-Micro/2", input_size=8, in_channels=1, num_classes=10)
+    jvp = extra.pop("jvp", None)
     cfg = ObjectiveConfig(name=name, cfg_w=extra.pop("cfg_w", 1.0), cfg_k=extra.pop("cfg_k", 0.0), **extra)
-    objective = build_objective(cfg, num_classes=10)
+    objective = build_objective(cfg, num_classes=10, jvp=jvp)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     data = batch()
     # The adaptive weight pins the weighted loss near 1: judge the unweighted MSE at fixed draws.
@@ -189,3 +190,24 @@ def test_meanflow_defaults_to_75_percent_r_equals_t():
     objective = build_objective(ObjectiveConfig(name="meanflow"), num_classes=10)
     nb = objective.draw(batch(400), torch.Generator().manual_seed(0))
     assert int((nb.r == nb.t).sum()) == 300
+
+
+def test_the_jvp_section_chooses_how_dudt_is_computed(random_micro_model):
+    """The objective's du/dt follows the config's jvp section: under ZeRO-3, `auto` resolved to finite
+    differences, whose u-loss is close to, but not the same as, the exact JVP's. An unresolved `auto` is
+    refused rather than guessed."""
+    from dumo_ray.config import Config, DistributedConfig
+
+    zero3 = Config(distributed=DistributedConfig(zero_stage=3))
+    assert zero3.jvp.estimator == "finite_difference"
+    objective_cfg = ObjectiveConfig(cfg_w=1.0, cfg_k=0.0, class_dropout=0.0, adaptive_p_u=0.0)
+    data = batch(16)
+    mse_u = {}
+    for name, jvp in (("exact", Config().jvp), ("zero3", zero3.jvp)):
+        objective = build_objective(objective_cfg, num_classes=10, jvp=jvp)
+        _, terms = objective(random_micro_model, data, torch.Generator().manual_seed(0))
+        mse_u[name] = float(terms["mse_u"])
+    assert mse_u["zero3"] != mse_u["exact"]
+    assert mse_u["zero3"] == pytest.approx(mse_u["exact"], rel=0.01)
+    with pytest.raises(ValueError, match="jvp.estimator 'auto' is settled when the config loads"):
+        build_objective(objective_cfg, num_classes=10, jvp=JvpConfig())

@@ -97,7 +97,7 @@ class CompiledDudt:
             dudt = self.compiled(model, x_t, t, r, y, tangent)
         except Exception as error:  # torch.compile's failures have many types (dynamo, inductor, Triton)
             self.disabled = True
-            warnings.warn(f"objective.compile_jvp: compiling the JVP failed ({type(error).__name__}: "
+            warnings.warn(f"jvp.compile_jvp: compiling the JVP failed ({type(error).__name__}: "
                           f"{str(error)[:300]}); using the eager pass in this process")
             return dudt_pass(model, x_t, t, r, y, tangent)
         if not self.verified:
@@ -107,14 +107,14 @@ class CompiledDudt:
                 self.verified = True
                 if not error <= self.tolerance:  # also catches NaN
                     self.disabled = True
-                    warnings.warn(f"objective.compile_jvp: the compiled JVP differs from the eager one (relative "
+                    warnings.warn(f"jvp.compile_jvp: the compiled JVP differs from the eager one (relative "
                                   f"error {error:.3g} > {self.tolerance}); using the eager pass in this process")
                     return eager
         return dudt
 
 
 def resolve_compile_jvp(setting: str, device: torch.device) -> bool:
-    """`objective.compile_jvp`: always | never | auto (on CUDA, where the fused kernels pay off; the CPU
+    """`jvp.compile_jvp`: always | never | auto (on CUDA, where the fused kernels pay off; the CPU
     keeps the eager pass, whose compile takes minutes for a gain of ~1.5x)."""
     return setting == "always" or (setting == "auto" and device.type == "cuda")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dumo_ray.config import ObjectiveConfig
+from dumo_ray.config import JvpConfig, ObjectiveConfig
 from dumo_ray.flow.jvp import CompiledDudt, u_and_dudt
 from dumo_ray.flow.path import TimeSampler, broadcast_time, conditional_velocity, interpolate
 
@@ -57,12 +57,18 @@ class NoisedBatch:
 class Objective:
     """Shared pieces: class dropout, noise, time sampling and the guided velocity target."""
 
-    def __init__(self, cfg: ObjectiveConfig, num_classes: int):
+    def __init__(self, cfg: ObjectiveConfig, num_classes: int, jvp: JvpConfig | None = None):
         self.cfg = cfg
+        # How du/dt is computed (estimator, fd_step, compile_jvp); without a config: torch.func's JVP.
+        jvp = jvp if jvp is not None else JvpConfig(estimator="jvp")
+        if jvp.estimator == "auto":
+            raise ValueError("jvp.estimator 'auto' is settled when the config loads (it depends on "
+                             "distributed.zero_stage): pass the loaded Config's jvp section, or name the estimator")
+        self.jvp_options = dict(estimator=jvp.estimator, fd_step=jvp.fd_step, compile_jvp=jvp.compile_jvp,
+                                compiled_dudt=CompiledDudt())  # this objective's own compiled pass (made on first use, if on)
         self.null_class = num_classes
         self.times = TimeSampler(cfg.time_sampler, cfg.time_mean, cfg.time_std,
                                  cfg.resolved_equal_fraction, cfg.zero_fraction, cfg.r_mean, cfg.r_std)
-        self.compiled_dudt = CompiledDudt()  # this objective's compiled JVP pass (made on first use, if on)
 
     def draw(self, batch: dict[str, torch.Tensor], generator: torch.Generator, images: int = 0) -> NoisedBatch:
         x0, y = batch["x0"].float(), batch["y"]
@@ -138,9 +144,7 @@ class DuMoObjective(Objective):
         # v_c is the v-head at the batch's own labels, i.e. stopgrad(v_hat): the velocity head
         # supplies the tangent that bounds the flow-map head.
         tangent = v_target if share == 0 else v_c if share == 1 else share * v_c + (1 - share) * v_target
-        v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent,
-                                        estimator=cfg.estimator, fd_step=cfg.fd_step,
-                                        compile_jvp=cfg.compile_jvp, compiled_dudt=self.compiled_dudt)
+        v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent, **self.jvp_options)
         u_target = self.flow_map_target(nb, tangent if cfg.identity_velocity == "tangent" else v_target, dudt)
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
         loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
@@ -171,9 +175,7 @@ class MeanFlowObjective(Objective):
             v_target = self.guided_target(nb, v_c, v_n)
         else:
             v_target = nb.v_t
-        _, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, v_target,
-                                    estimator=cfg.estimator, fd_step=cfg.fd_step, compile_jvp=cfg.compile_jvp,
-                                    compiled_dudt=self.compiled_dudt)
+        _, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, v_target, **self.jvp_options)
         u_target = self.flow_map_target(nb, v_target, dudt)
         sse_u = per_sample_sse(u_hat, u_target)
         loss_u = adaptive_weighted(sse_u, cfg.resolved_adaptive_p_u, cfg.adaptive_c_u).mean()
@@ -209,5 +211,6 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build_objective(cfg: ObjectiveConfig, num_classes: int) -> Objective:
-    return OBJECTIVES[cfg.name](cfg, num_classes)
+def build_objective(cfg: ObjectiveConfig, num_classes: int, jvp: JvpConfig | None = None) -> Objective:
+    """`jvp`: the loaded Config's jvp section (its estimator resolved); None: torch.func's JVP, defaults."""
+    return OBJECTIVES[cfg.name](cfg, num_classes, jvp)

@@ -95,7 +95,7 @@ def is_checkpoint(path: str | Path) -> bool:
 def load_checkpoint_info(directory: str | Path) -> tuple[Config, LatentCodec | None]:
     directory = Path(directory)
     codec = LatentCodec.load(directory / CODEC_FILE) if (directory / CODEC_FILE).is_file() else None
-    return load_config(directory / CONFIG_FILE), codec
+    return load_config(directory / CONFIG_FILE, saved=True), codec
 
 
 @contextlib.contextmanager

@@ -106,7 +106,8 @@ def fit(cfg: Config, callbacks: list | None = None):
                                      placement_strategy=d.placement_strategy,
                                      elastic_resize_monitor_interval_s=d.elastic_resize_interval_s),
         run_config=RunConfig(name=cfg.train.name, storage_path=cfg.train.storage_path,
-                             # The restart tests' fault drill reaches the workers only when the driver sets it.
+                             # A test's fault drill set in this process reaches the workers, whatever Ray
+                             # cluster they run on (job-level env vars were fixed when Ray started).
                              worker_runtime_env={"env_vars": {FAIL_ONCE_ENV: os.environ[FAIL_ONCE_ENV]}}
                              if os.environ.get(FAIL_ONCE_ENV) else None,
                              failure_config=FailureConfig(max_failures=d.max_failures), callbacks=callbacks,

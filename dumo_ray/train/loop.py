@@ -154,7 +154,7 @@ def training_loop(cfg: Config, backend: Backend, codec: LatentCodec,
     num_parameters = count_parameters(model)  # before ZeRO-3 partitions the parameters away
     ema = EMA(model, cfg.optim.ema_decay)  # a full fp32 copy on this worker's device
     optimizer = build_optimizer(cfg, model)
-    objective = build_objective(cfg.objective, cfg.model.num_classes)
+    objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.jvp)
     progress, mlflow_run_id = Progress(), None
     with backend.latest_checkpoint() as checkpoint:
         module = backend.prepare(model, optimizer, checkpoint)
@@ -164,7 +164,7 @@ def training_loop(cfg: Config, backend: Backend, codec: LatentCodec,
             progress, mlflow_run_id = Progress(step=state["step"], images=state["images"]), state.get("mlflow_run_id")
             log(f"resuming from {checkpoint} (image {progress.images:,}, step {progress.step:,})")
     log(backend.describe())
-    log(f"{cfg.model.preset}: {num_parameters:,} parameters | objective {cfg.objective.name} ({cfg.objective.estimator}) "
+    log(f"{cfg.model.preset}: {num_parameters:,} parameters | objective {cfg.objective.name} ({cfg.jvp.estimator}) "
         f"| {device.type} {backend.precision} | {t.total_images:,} images")
 
     tracker = None
