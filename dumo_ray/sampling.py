@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dumo_ray.config import Config, config_from_dict
-from dumo_ray.eval.grids import save_grid
+from dumo_ray.image_grid import save_grid
 from dumo_ray.eval.image_sets import SampleBatchWriter
 from dumo_ray.eval.pixels import to_uint8
 from dumo_ray.export import is_export, load_export, load_export_info

@@ -23,7 +23,7 @@ from dumo_ray.console import say
 from dumo_ray.eval.in_training import TrainingEvaluator, check_eval_inputs, format_scores
 from dumo_ray.data.batches import epoch_batches
 from dumo_ray.data.digits import load_digits_tensors
-from dumo_ray.eval.grids import save_grid
+from dumo_ray.image_grid import save_grid
 from dumo_ray.flow import build_objective
 from dumo_ray.flow.sampler import default_method_and_head, sample, sample_plan
 from dumo_ray.models import build_model, count_parameters
