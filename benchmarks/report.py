@@ -1,4 +1,4 @@
-"""The one way every benchmark shows its result: a Markdown table on stdout (pasteable into the README)
+"""The one way every benchmark shows its result: a Markdown table on stdout (pasteable into benchmarks/README.md)
 and, with --json, the same rows plus the settings that produced them."""
 from __future__ import annotations
 

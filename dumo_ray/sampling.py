@@ -11,7 +11,7 @@ import torch
 
 from dumo_ray.config import Config
 from dumo_ray.data.codec import LatentCodec
-from dumo_ray.eval.grids import save_grid
+from dumo_ray.image_grid import save_grid
 from dumo_ray.eval.image_sets import SampleBatchWriter
 from dumo_ray.eval.pixels import to_uint8
 from dumo_ray.export import is_export, load_export, load_export_info

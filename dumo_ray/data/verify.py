@@ -62,7 +62,7 @@ def write_preview(moments: np.ndarray, manifest: dict[str, Any], path: str | Pat
     """Decodes posterior means (through the manifest's VAE, or `vae`) to a PNG grid."""
     import torch
 
-    from dumo_ray.eval.grids import save_grid
+    from dumo_ray.image_grid import save_grid
 
     means = torch.from_numpy(moments[:, 0].astype(np.float32))
     vae_id = vae or manifest["vae"]["id"]

@@ -1,1 +1,2 @@
-"""Evaluation: Frechet distances, the digits judge, image grids."""
+"""Evaluation: feature networks (Inception, the digits judge), Frechet distance and scores, sample sets
+on disk, `dumo-ray evaluate` and the in-training evaluation."""

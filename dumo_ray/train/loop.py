@@ -26,8 +26,8 @@ import torch.nn as nn
 from dumo_ray.config import Config
 from dumo_ray.console import say
 from dumo_ray.data.codec import LatentCodec
-from dumo_ray.eval.grids import save_grid
 from dumo_ray.eval.in_training import TrainingEvaluator, format_scores
+from dumo_ray.image_grid import save_grid
 from dumo_ray.flow import build_objective
 from dumo_ray.flow.sampler import default_method_and_head, sample, sample_plan
 from dumo_ray.models import build_model_from_config, count_parameters

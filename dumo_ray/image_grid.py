@@ -1,4 +1,5 @@
-"""Image grids as PNG files."""
+"""Image grids as PNG files: sample grids (training, `dumo-ray sample`) and the latent preview of
+`dumo-ray verify-latents`. It sits below data/ and eval/ so that both may use it."""
 from __future__ import annotations
 
 from pathlib import Path
