@@ -1,6 +1,7 @@
-"""The single-process trainer on the GPU path, with only what the lent GPU machine has (torch, timm,
-scikit-learn; no Ray, DeepSpeed, diffusers or MLflow): the digits run with device/precision 'auto' must pick
-CUDA + bf16, train both heads (JVP in fp32 under the bf16 main pass) and reach a sane FD-digits.
+"""The single-process launcher on the GPU path: the digits run with device/precision 'auto' must pick
+CUDA + bf16, train both heads (JVP in fp32 under the bf16 main pass) and reach a sane FD-digits. The digits
+latent folder is written first if missing (Ray Data: on the lent GPU machine, install the carried bundle
+of ../shared/tools/gpu-bundle.sh first).
 
     python benchmarks/gpu_train_check.py [--steps 1500] [--out DIR]
 """
@@ -26,24 +27,27 @@ def main() -> None:
 
     import torch
 
+    from digits_data import digits_latent_folder  # benchmarks/digits_data.py
+
     from dumo_ray.config import load_config
-    from dumo_ray.train.loop import resolve_device, resolve_precision, train_single_process
+    from dumo_ray.train.devices import resolve_device, resolve_precision
+    from dumo_ray.train.launch import train_local
 
     total = args.steps * 128
     storage = args.out or tempfile.mkdtemp(prefix="dumo-gpu-")
     cfg = load_config(ROOT / "configs/digits_local.yaml", [
-        f"train.total_images={total}", f"train.log_every_images={total // 5 // 128 * 128}",
+        f"data.path={digits_latent_folder()}", "tracking.enabled=false", f"train.total_images={total}", f"train.log_every_images={total // 5 // 128 * 128}",
         f"train.checkpoint_every_images={total}", f"train.storage_path={storage}", "eval.every_images=0",
         "eval.steps=[1, 2]"])
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     print(f"# auto-selected device {device}, precision {precision}")
     start = time.perf_counter()
-    summary = train_single_process(cfg)
+    summary = train_local(cfg)
     seconds = time.perf_counter() - start
     row = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU", "precision": precision,
            "steps": args.steps, "seconds": seconds, **{k: v for k, v in summary.items() if k.startswith(("fd_", "accuracy_"))}}
-    report("digits, DuMo-Tiny/2, batch 128, single-process trainer", [row], list(row), args.json, vars(args))
+    report("digits, DuMo-Tiny/2, batch 128, single-process launcher", [row], list(row), args.json, vars(args))
     if device.type == "cuda" and precision != "bf16":
         sys.exit("expected bf16 on CUDA")
 

@@ -7,8 +7,9 @@ v-head too).
     python benchmarks/quality_digits.py --arms benchmarks/arms_dumo_study.yaml --only v_target lambda_v_025 \
         [--preset DuMo-Mini/2] [--reference-arm dumo_v1] [--euler 50]
 
-Each run is `configs/digits_local.yaml` (DuMo-Tiny/2, batch 128, the single-process trainer) with only
-the arm's overrides and the seed changed; the final EMA weights sample the fixed 1,000-image evaluation
+Each run is `configs/digits_local.yaml` (DuMo-Tiny/2, batch 128, the single-process launcher on the
+digits latent folder, written first if missing: benchmarks/digits_data.py) with only the arm's overrides
+and the seed changed; the final EMA weights sample the fixed 1,000-image evaluation
 set. An arm is a named list of config overrides (`--arms` YAML file); without one, the arms are the three
 objectives at their defaults. Wall time per run is reported too (the arms' step costs differ). Prints
 mean +- std over seeds.
@@ -45,10 +46,13 @@ def load_arms(path: str | None) -> dict[str, list[str]]:
 
 
 def arm_config(overrides: list[str], preset: str | None, extra: list[str] = ()):
+    from digits_data import digits_latent_folder  # benchmarks/digits_data.py
+
     from dumo_ray.config import load_config
 
     return load_config(ROOT / "configs/digits_local.yaml",
-                       [*overrides, *([f"model.preset={preset}"] if preset else []), *extra])
+                       [f"data.path={digits_latent_folder()}", "tracking.enabled=false", *overrides,
+                        *([f"model.preset={preset}"] if preset else []), *extra])
 
 
 def step_seconds(overrides: list[str], preset: str | None) -> float:
@@ -58,7 +62,7 @@ def step_seconds(overrides: list[str], preset: str | None) -> float:
     from step_cost import time_variant  # benchmarks/step_cost.py
 
     from dumo_ray.flow import build_objective
-    from dumo_ray.train.loop import build_model_from_config
+    from dumo_ray.models import build_model_from_config
 
     cfg = arm_config(overrides, preset)
     torch.manual_seed(0)
@@ -70,7 +74,7 @@ def step_seconds(overrides: list[str], preset: str | None) -> float:
 
 
 def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: int, euler: list[int], storage: str) -> dict:
-    from dumo_ray.train.loop import train_single_process
+    from dumo_ray.train.launch import train_local
 
     total = steps * 128
     cfg = arm_config(overrides, preset, [
@@ -82,7 +86,7 @@ def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: in
         cfg.eval.steps = sorted({*cfg.eval.steps, *euler})
         cfg.eval.euler_steps = []
     started = time.perf_counter()
-    summary = train_single_process(cfg)
+    summary = train_local(cfg)
     scores = {k: v for k, v in summary.items() if k.startswith(("fd_", "accuracy_"))}
     if cfg.objective.name == "flow_matching":  # its N-step scores are Euler already: name them so
         scores.update({f"{m}_euler{n}": scores.pop(f"{m}_{n}step") for n in euler for m in ("fd", "accuracy")})
