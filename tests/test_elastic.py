@@ -143,15 +143,16 @@ def test_in_memory_data_order_does_not_depend_on_the_number_of_workers(cluster):
     import numpy as np
     import torch
 
-    from dumo_ray.data.loader import LatentBatches
     from dumo_ray.data.batch_plan import BatchPlan
+    from dumo_ray.data.codec import LatentCodec
+    from dumo_ray.data.loader import LatentBatches
 
     rows = 96
     ds = ray.data.from_items([{"label": i, "moments": np.zeros((2, 1, 2, 2), np.float16)} for i in range(rows)]).materialize()
 
     def labels_per_step(world, start_step=0, count=20):
         loaders = [iter(LatentBatches(ds.iterator(), plan=BatchPlan(10, world, rank, micro_batch_limit=2), rows=rows,
-                                      seed=0, shuffle_buffer=0, channel_mean=torch.zeros(1), channel_std=torch.ones(1),
+                                      seed=0, shuffle_buffer=0, codec=LatentCodec("none", (0.0,), (1.0,), (1, 2, 2)),
                                       device=torch.device("cpu"), start_step=start_step, in_memory=True))
                    for rank in range(world)]
         return [[int(y) for loader in loaders for micro, _ in next(loader) for y in micro["y"]] for _ in range(count)]
