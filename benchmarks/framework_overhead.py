@@ -41,7 +41,7 @@ def main() -> None:
     from dumo_ray.config import load_config
     from dumo_ray.data.digits import write_digits_tree
     from dumo_ray.train.launch import fit, train_local
-    from pipelines.precompute_latents import precompute_latents
+    from dumo_ray.pipelines.precompute_latents import precompute_latents
 
     cpus = os.cpu_count() or 2
     total = args.steps * args.batch

@@ -70,7 +70,7 @@ def main() -> None:
     import ray
     from diffusers import AutoencoderKL
 
-    from pipelines.precompute_latents import precompute_latents
+    from dumo_ray.pipelines.precompute_latents import precompute_latents
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

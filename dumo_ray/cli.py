@@ -204,7 +204,7 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from tune.sweep import sweep
+    from dumo_ray.tune.sweep import sweep
 
     cfg = load_config(args.config, args.overrides)
     if args.address:
@@ -232,7 +232,7 @@ def run_sample(args: argparse.Namespace) -> int:
         return 0
     import ray
 
-    from pipelines.sample_images import sample_images
+    from dumo_ray.pipelines.sample_images import sample_images
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     ray.init(address=args.address, ignore_reinit_error=True)
@@ -266,7 +266,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_precompute(args: argparse.Namespace) -> int:
     import ray
 
-    from pipelines.precompute_latents import precompute_latents
+    from dumo_ray.pipelines.precompute_latents import precompute_latents
 
     if args.grayscale and args.vae != "none":
         raise ValueError("--grayscale only applies with --vae none (the VAE takes RGB)")

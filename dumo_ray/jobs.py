@@ -2,10 +2,11 @@
 server (`ray.job_submission.JobSubmissionClient`).
 
 The project travels as the job's `working_dir` (Ray puts it on the PYTHONPATH of the job's driver and of
-every worker it starts, so the cluster runs exactly this checkout's code), minus what `.gitignore` lists
-and never data, runs, checkpoints or MLflow stores. `--pip` also installs the package's dependencies into
-the job's own virtualenv (for clusters whose image lacks them). The entrypoint is
-`python -m dumo_ray.cli <command> <args>` (`--python` names another interpreter on the cluster).
+every worker it starts, so the cluster runs exactly this checkout's code, `pipelines/` and `tune/` included:
+see dumo_ray/__init__.py), minus what `.gitignore` lists and never data, runs, checkpoints or MLflow
+stores. `--pip` also installs the package's dependencies into the job's own virtualenv (for clusters whose
+image lacks them). The entrypoint is `python -m dumo_ray.cli <command> <args>` (`--python` names another
+interpreter on the cluster).
 
 Token authentication (a local `ray.init()` turns it on by itself; `ray start` clusters when
 RAY_AUTH_MODE=token, as the configs in cluster/ set it): the token is read from `$RAY_AUTH_TOKEN`,
@@ -31,16 +32,25 @@ ALWAYS_EXCLUDED = [".git/", "/.venv/", "/venv/", "/data/", "/runs/", "/mlruns/",
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
+def is_checkout(folder: Path) -> bool:
+    pyproject = folder / "pyproject.toml"
+    return pyproject.is_file() and tomllib.loads(pyproject.read_text()).get("project", {}).get("name") == "dumo-ray"
+
+
 def project_root(start: Path | None = None) -> Path:
     """The checkout to upload: the nearest folder above `start` (default: here) with dumo-ray's
-    pyproject.toml, else the folder the installed package was imported from."""
-    for folder in [start or Path.cwd(), *(start or Path.cwd()).parents]:
-        pyproject = folder / "pyproject.toml"
-        if pyproject.is_file() and tomllib.loads(pyproject.read_text()).get("project", {}).get("name") == "dumo-ray":
-            return folder
+    pyproject.toml, else the checkout of an editable install. An install from a wheel has no checkout to
+    ship (its folder is site-packages): a clear error then."""
     import dumo_ray
 
-    return Path(dumo_ray.__file__).resolve().parents[1]
+    start = start or Path.cwd()
+    installed_from = Path(dumo_ray.__file__).resolve().parents[1]
+    for folder in [start, *start.parents, installed_from]:
+        if is_checkout(folder):
+            return folder
+    raise ValueError(f"no dumo-ray checkout to ship as the job's working_dir: run `dumo-ray submit` inside one (a "
+                     f"folder with dumo-ray's pyproject.toml); {start} is not in one and dumo_ray is installed "
+                     f"at {installed_from}, not from a checkout")
 
 
 def gitignore_patterns(root: Path) -> list[str]:

@@ -43,7 +43,7 @@ def tiny_vae(tmp_path_factory):
 def digits_latents(local_ray, tmp_path_factory):
     """The digits written as PNG files and precomputed in pixel space (--vae none) on the module's Ray."""
     from dumo_ray.data.digits import write_digits_tree
-    from pipelines.precompute_latents import precompute_latents
+    from dumo_ray.pipelines.precompute_latents import precompute_latents
 
     root = tmp_path_factory.mktemp("digits")
     write_digits_tree(root / "tree", limit=400)

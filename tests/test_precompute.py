@@ -15,7 +15,7 @@ from dumo_ray.data.latents import MANIFEST, load_manifest, moments_array, moment
 from dumo_ray.data.loader import latent_dataset
 from dumo_ray.data.verify import verify_latents
 from dumo_ray.vae import encode_moments, encode_moments_in_chunks, in_fixed_chunks, load_vae
-from pipelines.precompute_latents import precompute_latents
+from dumo_ray.pipelines.precompute_latents import precompute_latents
 
 GOOD = ["cat/photo.jpg", "cat/gray.png", "cat/rgba.png", "dog/cmyk.jpg", "dog/wide.jpg", "dog/palette.gif", "dog/sub/deep.png"]
 BAD = {"cat/truncated.jpg": "cannot decode", "cat/empty.jpg": "empty file", "dog/notes.txt": "cannot decode",

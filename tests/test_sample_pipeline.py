@@ -14,7 +14,7 @@ from dumo_ray.data.codec import LatentCodec
 from dumo_ray.export import export_ema
 from dumo_ray.sampling import sample_to_file
 from dumo_ray.models import build_model_from_config
-from pipelines.sample_images import sample_images
+from dumo_ray.pipelines.sample_images import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

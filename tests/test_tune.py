@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from dumo_ray.cli import main
 from dumo_ray.config import load_config
-from tune.sweep import load_space, sweep, tune_param_space
+from dumo_ray.tune.sweep import load_space, sweep, tune_param_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
