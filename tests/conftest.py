@@ -1,7 +1,24 @@
+import os
+
 import pytest
 import torch
 
 from dumo_ray.models import build_model
+
+# One thread in the test process (Ray's workers already get one each). The models under test are tiny, so a
+# second thread buys little, and on a shared machine a team of two OpenMP threads waits on whichever is
+# descheduled: the objectives' training tests took 140 s instead of 10 s beside one other busy process.
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are skipped without CUDA; a test that starts Ray must say so (`ray`, for -m "not ray")."""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if {"local_ray", "cluster", "digits_latents"} & set(item.fixturenames) and not item.get_closest_marker("ray"):
+            raise pytest.UsageError(f"{item.nodeid} starts Ray (local_ray, cluster or digits_latents): mark it with @pytest.mark.ray")
 
 
 def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
@@ -40,29 +57,35 @@ def tiny_vae(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def digits_latents(local_ray, tmp_path_factory):
-    """The digits written as PNG files and precomputed in pixel space (--vae none) on the module's Ray."""
+def local_ray():
+    """One local Ray (2 CPUs, no dashboard) for all the tests of a module that need one; a module that needs
+    another Ray (the job server, a multi-node cluster) defines its own `local_ray`."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # ~4 s less per Ray Train fit
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_latents(tmp_path_factory):
+    """The digits written as PNG files and precomputed in pixel space (--vae none), once for the whole run
+    (tests only read it): on the Ray already running, else on a Ray of its own, shut down after."""
+    import ray
+
     from dumo_ray.data.digits import write_digits_tree
     from dumo_ray.pipelines.precompute_latents import precompute_latents
 
     root = tmp_path_factory.mktemp("digits")
     write_digits_tree(root / "tree", limit=400)
-    precompute_latents(str(root / "tree"), str(root / "latents"), vae=None, resolution=8, mode="L", shard_size=200)
-    return root / "latents"
-
-
-@pytest.fixture(scope="session")
-def digits_latent_folder(tmp_path_factory):
-    """400 digits precomputed in pixel space (--vae none) once per session, through the CLI in a child
-    process (its own Ray, gone when it exits), for the tests of the single-process launcher."""
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("digits-folder")
-    commands = [["digits-tree", "--output", str(root / "tree"), "--limit", "400"],
-                ["precompute", "--input", str(root / "tree"), "--output", str(root / "latents"), "--vae", "none",
-                 "--resolution", "8", "--grayscale", "--shard-size", "200"]]
-    for command in commands:
-        subprocess.run([sys.executable, "-c", "import sys; from dumo_ray.cli import main; sys.exit(main(sys.argv[1:]))",
-                        *command], check=True, capture_output=True)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        precompute_latents(str(root / "tree"), str(root / "latents"), vae=None, resolution=8, mode="L", shard_size=200)
+    finally:
+        if own_ray:
+            ray.shutdown()
     return root / "latents"

@@ -1,12 +1,10 @@
 """Ray Train (V2) + DeepSpeed on CPU with gloo: 2 workers on a real local Ray, real Parquet latents (the
 digits, precomputed in pixel space), real MLflow (sqlite). These tests take a few minutes."""
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 
@@ -16,14 +14,8 @@ from dumo_ray.tracking import run_summary
 from dumo_ray.train.launch import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+# Every test fits a TorchTrainer on the module's one local Ray (tests/conftest.py).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def tiny_config(latents, tmp_path, name, *extra):

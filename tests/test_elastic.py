@@ -24,6 +24,8 @@ BATCH = 32
 TOTAL = BATCH * 240  # long enough that the run is still going when the node comes back
 CHECKPOINT_EVERY = BATCH * 15
 WORKER_NODE = {"num_cpus": 0, "resources": {"trainer": 1}}
+# Both tests run on the multi-node cluster below (about half a minute to start alone).
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +43,6 @@ def cluster():
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def local_ray(cluster):
-    """conftest's `digits_latents` precomputes on the module's Ray: here, the cluster."""
-    yield
 
 
 def elastic_config(latents, tmp_path, name, *extra):

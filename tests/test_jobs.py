@@ -40,6 +40,8 @@ def test_runtime_env_uploads_the_code_not_the_data():
     assert all(not p.startswith("!") for p in env["excludes"]) and "*.pt" in ALWAYS_EXCLUDED
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_submit_a_training_run_and_read_its_logs(local_ray, digits_latents, tmp_path, capsys):
     address = local_ray
     train = ["train", "--config", "configs/quickstart.yaml", "--set", f"data.path={digits_latents}",

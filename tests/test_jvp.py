@@ -76,6 +76,7 @@ def test_dual_number_estimator_equals_functorch_jvp(setting):
 
 
 
+@pytest.mark.slow  # torch.compile, twice (fp32 and bf16)
 def test_compiled_jvp_pass_equals_the_eager_one(random_micro_model):
     """`jvp.compile_jvp` (auto = on for CUDA) fuses the tangent pass with torch.compile; forced on
     here, on the CPU, it must give the eager derivative and leave v and u with their gradients. Also under

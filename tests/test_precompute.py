@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -20,13 +19,6 @@ from dumo_ray.pipelines.precompute_latents import precompute_latents
 GOOD = ["cat/photo.jpg", "cat/gray.png", "cat/rgba.png", "dog/cmyk.jpg", "dog/wide.jpg", "dog/palette.gif", "dog/sub/deep.png"]
 BAD = {"cat/truncated.jpg": "cannot decode", "cat/empty.jpg": "empty file", "dog/notes.txt": "cannot decode",
        "dog/huge.png": "too large"}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +53,8 @@ def all_rows(folder):
                       for k in ("key", "label", "flip", "moments")}
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, tiny_vae, image_tree, tmp_path, capsys):
     out = tmp_path / "latents"
     summary = precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=4)
@@ -135,6 +129,8 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, ti
     assert any("checksum" in p for p in verify_latents(out)["problems"])
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_shard_bytes_do_not_depend_on_how_ray_data_batches_the_rows(local_ray, tiny_vae, image_tree, tmp_path):
     """Encoder batches of 1 and of 16 rows, and a rerun of one shard alone, give byte-identical shards: the
     VAE always runs on ENCODE_CHUNK images, so the kernels' summation order never changes."""
@@ -162,6 +158,7 @@ def test_chunked_encoding_gives_each_image_the_same_bits_in_any_batch(tiny_vae):
     assert torch.equal(in_fixed_chunks(lambda x: (x * len(x),), images, 4)[0], images * 4)  # padded to 4 rows
 
 
+@pytest.mark.ray
 def test_digits_tree_in_pixel_space(local_ray, tmp_path):
     from dumo_ray.data.digits import load_digits_arrays, write_digits_tree
 
@@ -176,11 +173,13 @@ def test_digits_tree_in_pixel_space(local_ray, tmp_path):
     assert int(rows["label"][i]) == labels[3] and np.all(rows["moments"][:, 1] == 0)
 
 
+@pytest.mark.ray
 def test_missing_vae_is_a_clear_error(local_ray, image_tree, tmp_path):
     with pytest.raises(FileNotFoundError, match="could not load the VAE"):
         precompute_latents(str(image_tree), str(tmp_path / "o"), vae=str(tmp_path / "no-such-vae"), resolution=16)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("schema", [1, 2])
 def test_training_reads_both_shard_schemas(local_ray, tmp_path, schema):
     """Schema 2 (one fixed-size binary value a row) is what precompute writes; schema 1 shards (Ray's

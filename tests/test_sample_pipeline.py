@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 
 from conftest import randomize
@@ -17,14 +16,6 @@ from dumo_ray.models import build_model_from_config
 from dumo_ray.pipelines.sample_images import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def make_export(path, latent_info, *overrides):
@@ -39,6 +30,8 @@ def pixel_export(tmp_path_factory):
     return make_export(tmp_path_factory.mktemp("export") / "export", info)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_samples_are_identical_whatever_the_workers_and_batch_size(local_ray, pixel_export, tmp_path):
     common = dict(num=30, steps=2, seed=5, chunk=8)
     one = sample_images(pixel_export, tmp_path / "one", workers=1, batch_size=7, **common)
@@ -59,6 +52,8 @@ def test_samples_are_identical_whatever_the_workers_and_batch_size(local_ray, pi
         assert np.array_equal(c["arr_0"], images)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_given_labels_and_a_folder_of_other_settings(local_ray, pixel_export, tmp_path):
     sample_images(pixel_export, tmp_path / "s", num=6, steps=1, labels=[3, 7], formats=["npz"], chunk=4)
     with np.load(tmp_path / "s" / "samples.npz") as data:

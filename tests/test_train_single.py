@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,7 +26,10 @@ def run_train(latents, out, total, extra=()):
     assert main(args) == 0
 
 
-def test_train_checkpoint_resume_and_sample(digits_latent_folder, tmp_path, capsys):
+@pytest.mark.slow
+@pytest.mark.ray  # the session's digits latent folder is precomputed through Ray Data on first use
+def test_train_checkpoint_resume_and_sample(digits_latents, tmp_path, capsys):
+    digits_latent_folder = digits_latents
     out = tmp_path / "run"
     run_train(digits_latent_folder, out, 256)
     assert [p.name for p in checkpoint_dirs(out)] == ["images_000000000128", "images_000000000256"]

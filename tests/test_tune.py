@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """This module's Ray has the dashboard: Ray Train frees each finished trial's reservation through the
+    state API it serves."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     ray.init(num_cpus=2, include_dashboard=True)
     yield
@@ -47,7 +49,9 @@ def test_optuna_search_suggests_values_inside_the_space():
         assert -1.2 <= suggested["objective.time_mean"] <= 0.4 and suggested["objective.zero_fraction"] in (0.0, 0.1, 0.25)
 
 
-def test_asha_sweep_with_mlflow_parent_and_children(digits_latents, tmp_path):
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_sweep_with_mlflow_parent_and_children(local_ray, digits_latents, tmp_path):
     # One good learning rate and two that cannot learn in 24 steps: ASHA must stop those at a rung.
     space = tmp_path / "lr.yaml"
     space.write_text("params:\n  optim.lr: {grid: [3.0e-3, 1.0e-7, 1.0e-7]}\n")
