@@ -81,11 +81,11 @@ def test_each_objective_loss_decreases_on_a_fixed_batch(name, extra):
     cfg = ObjectiveConfig(name=name, cfg_w=extra.pop("cfg_w", 1.0), cfg_k=extra.pop("cfg_k", 0.0), **extra)
     objective = build_objective(cfg, num_classes=10, jvp=jvp)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    data = batch()
+    data = batch(32)  # a fixed batch to fit: 32 images and 40 steps fall to ~0.5-0.6 of the start
     # The adaptive weight pins the weighted loss near 1: judge the unweighted MSE at fixed draws.
     key = "mse_u" if name == "meanflow" else "mse_v"
     history = []
-    for step in range(60):
+    for step in range(40):
         loss, terms = objective(model, data, torch.Generator().manual_seed(step % 4))
         optimizer.zero_grad()
         loss.backward()

@@ -80,17 +80,26 @@ def run(world, mode, directory):
     return torch.load(result)
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Saved once by 2 ranks and converted once, for both loads: (folder, weights, Adam moments, converted)."""
+    folder = tmp_path_factory.mktemp("reshard")
+    weights, moments = run(2, "save", folder / "saved")
+    converted = convert_to_universal(folder / "saved" / "deepspeed", folder / "universal" / "deepspeed")
+    return folder, weights, moments, converted
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("new_world", [1, 4])
-def test_zero2_checkpoint_reshards_to_another_world_size(tmp_path, new_world):
-    weights, moments = run(2, "save", tmp_path / "saved")
-    assert saved_world_size(tmp_path / "saved" / "deepspeed") == 2
-    assert convert_to_universal(tmp_path / "saved" / "deepspeed", tmp_path / "universal" / "deepspeed") > 0
-    loaded_weights, loaded_moments = run(new_world, "load", tmp_path / "universal")
+def test_zero2_checkpoint_reshards_to_another_world_size(saved, new_world):
+    folder, weights, moments, converted = saved
+    assert saved_world_size(folder / "saved" / "deepspeed") == 2 and converted > 0
+    loaded_weights, loaded_moments = run(new_world, "load", folder / "universal")
     for key, value in weights.items():
         assert torch.equal(loaded_weights[key], value)
-    for saved, loaded in zip(moments, loaded_moments):
-        assert saved.abs().sum() > 0
-        torch.testing.assert_close(loaded, saved, rtol=0, atol=0)
+    for before, after in zip(moments, loaded_moments):
+        assert before.abs().sum() > 0
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 def test_saved_world_size_needs_optimizer_shards(tmp_path):
