@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from dumo_ray.config import Config, load_config, save_config
-from dumo_ray.data.codec import LatentCodec
+from dumo_ray.data.codec import CODEC_FILE, LatentCodec
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
-LATENTS = "latents.json"
 
 
 def export_ema(directory: str | Path, ema_state: dict[str, torch.Tensor], cfg: Config,
@@ -28,7 +27,7 @@ def export_ema(directory: str | Path, ema_state: dict[str, torch.Tensor], cfg: C
     save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / WEIGHTS)
     save_config(cfg, tmp / CONFIG)
     if codec is not None:
-        codec.save(tmp / LATENTS)
+        codec.save(tmp / CODEC_FILE)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
@@ -41,7 +40,7 @@ def is_export(path: str | Path) -> bool:
 def load_export_info(path: str | Path) -> tuple[Config, LatentCodec | None]:
     """The config and latent codec of an export, without the weights."""
     path = Path(path)
-    codec = LatentCodec.load(path / LATENTS) if (path / LATENTS).is_file() else None
+    codec = LatentCodec.load(path / CODEC_FILE) if (path / CODEC_FILE).is_file() else None
     return load_config(path / CONFIG, saved=True), codec
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dumo_ray.data.images import DEFAULT_MAX_PIXELS, list_image_tree
+from dumo_ray.data.codec import CODEC_FILE, LatentCodec
 from dumo_ray.data.latents import MANIFEST, SCHEMA_VERSION, channel_stats, shard_name
 from dumo_ray.data.precompute_stages import SIDECAR_SUFFIX, DecodeImages, EncodeLatents, write_shard
 
@@ -176,4 +177,6 @@ def write_manifest(output: Path, settings: dict[str, Any], geometry: dict[str, A
     tmp = output / f".tmp-{MANIFEST}"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, output / MANIFEST)
+    if count:  # the codec a model trained on this folder uses by default (data.normalize=manifest)
+        LatentCodec.from_manifest(manifest).save(output / CODEC_FILE)
     return manifest

@@ -112,6 +112,29 @@ def test_fd_digits_of_the_real_digits(tmp_path, capsys):
     assert noise["fd"] > 100 * max(result["fd"], 1.0) and noise["accuracy"] < 0.5
 
 
+@pytest.mark.ray  # the session's digits latent folder is precomputed through Ray Data on first use
+def test_a_latent_folder_is_a_reference_of_its_original_images(digits_latents, tmp_path):
+    """A precomputed folder used as --reference decodes its stored (raw) moments as they are: the statistics
+    equal those of the 400 original digits it was written from (uint8 -> fp16 -> uint8 is exact)."""
+    from dumo_ray.data.digits import load_digits_arrays
+    from dumo_ray.eval.evaluate import reference_statistics
+    from dumo_ray.eval.features import build_feature_network
+
+    network = build_feature_network("digits")
+    mu, sigma = reference_statistics(network, digits_latents)
+    images, _ = load_digits_arrays()
+    originals = torch.from_numpy(np.round(images[:400] * (255 / 16)).astype(np.uint8))[:, None]
+    direct_mu, direct_sigma = feature_statistics(network(originals)["features"])
+    np.testing.assert_allclose(mu, direct_mu, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(sigma, direct_sigma, rtol=0, atol=1e-9)
+    samples = real_digits_npz(tmp_path / "real.npz")
+    assert main(["evaluate", "--samples", str(samples), "--features", "digits", "--reference", str(digits_latents),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    all_mu, all_sigma = feature_statistics(network(torch.from_numpy(np.round(images * (255 / 16)).astype(np.uint8))[:, None])["features"])
+    expected = frechet_distance(all_mu, all_sigma, direct_mu, direct_sigma)  # all 1,797 digits against their first 400
+    assert json.loads((tmp_path / "r.json").read_text())["fd"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_evaluate_without_inception_weights_names_the_file(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("DUMO_INCEPTION_WEIGHTS", raising=False)
     samples = real_digits_npz(tmp_path / "s.npz")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dumo_ray.data.codec import CODEC_FILE, LatentCodec
 from dumo_ray.data.images import load_image
 from dumo_ray.config import DataConfig
 from dumo_ray.data.latents import MANIFEST, load_manifest, moments_array, moments_table, read_shard, shard_name, write_shard_table
@@ -89,6 +90,13 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, ti
     direct_std = np.sqrt((m[:, 0] ** 2 + m[:, 1] ** 2).mean(axis=(0, 2, 3)) - direct_mean ** 2)
     np.testing.assert_allclose(manifest["latent_stats"]["mean"], direct_mean, rtol=1e-9)
     np.testing.assert_allclose(manifest["latent_stats"]["std"], direct_std, rtol=1e-9)
+    # Beside the manifest, the codec a model trained on this folder decodes with (per-channel statistics).
+    codec = LatentCodec.load(out / CODEC_FILE)
+    assert codec == LatentCodec.from_manifest(manifest) and codec.vae == tiny_vae and codec.latent_shape == (4, 8, 8)
+    z = torch.from_numpy(rows["moments"][:, 0].astype(np.float32))
+    normalized = codec.normalize(z).double()
+    np.testing.assert_allclose(normalized.mean(dim=(0, 2, 3)), 0, atol=1e-5)  # each channel centred...
+    np.testing.assert_allclose(codec.denormalize(codec.normalize(z)), z, rtol=1e-5, atol=1e-5)  # ...and back
 
     # The trainer's Ray Data read gives the moments as tensors with their shape (in shard order, like
     # read_shard); plain pyarrow sees the shape in the file metadata.

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 PIXELS = "none"  # the VAE id of a pixel-space folder
+CODEC_FILE = "latents.json"  # beside a latent folder's manifest, in every checkpoint and in every export
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,14 @@ def iter_latent_images(root: str | Path, batch_size: int = 100, limit: int | Non
                        vae: str | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """The original (unflipped) images of a latent folder: posterior means decoded by the manifest's VAE
     (or `vae`), as uint8 (B, C, H, W), with their labels."""
+    from dumo_ray.data.codec import LatentCodec
     from dumo_ray.data.latents import load_manifest, read_shard
     from dumo_ray.vae import LatentDecoder
 
     root = Path(root)
     manifest = load_manifest(root)
-    channels = manifest["latent_shape"][0]
-    decode = LatentDecoder(vae or manifest["vae"]["id"], [0.0] * channels, [1.0] * channels)
+    # The stored moments are raw (unnormalised) latents: decode them as stored.
+    decode = LatentDecoder(LatentCodec.from_manifest(manifest, normalize="none").with_vae(vae))
     left = limit if limit is not None else manifest["rows"]
     for shard in manifest["shards"]:
         data = read_shard(root / shard["file"])

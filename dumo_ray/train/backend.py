@@ -23,12 +23,11 @@ import torch
 import torch.nn as nn
 
 from dumo_ray.config import Config, load_config, save_config
-from dumo_ray.data.codec import LatentCodec
+from dumo_ray.data.codec import CODEC_FILE, LatentCodec
 
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
-CODEC_FILE = "latents.json"
 
 
 class Backend(Protocol):
