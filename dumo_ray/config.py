@@ -308,8 +308,8 @@ class EvalConfig:
     num_images: PositiveInt = doc(1000, "size of the fixed evaluation set (shared out over the workers)")
     steps: Annotated[Steps, _rule(bool, "must not be empty")] = doc([1, 2], "sampling steps scored (fd_1step, ...)")
     euler_steps: Steps = doc([], "also score the v-head integrated with this many Euler steps (fd_euler50, ...)")
-    features: Literal["auto", "digits", "inception", "none"] = doc(
-        "auto", "auto: inception when eval.reference is set, else none")
+    features: Literal["auto", "digits", "fashion", "inception", "none"] = doc(
+        "auto", "auto: inception when eval.reference is set, else none; digits / fashion: FD-digits / FD-fashion")
     reference: Str = doc("", "ADM-style reference .npz (mu, sigma) for inception features")
     inception_weights: Str = doc("", f"local Inception-v3 weights file; empty: ${INCEPTION_WEIGHTS_ENV}")
     chunk: PositiveInt = doc(64, "network batch while sampling (fixed, so results do not depend on the split)")
@@ -430,10 +430,11 @@ def check_consistency(cfg: Config) -> None:
     if cfg.eval.features == "inception":
         _check(bool(cfg.eval.reference), "eval.features 'inception' needs eval.reference: an ADM-style reference .npz "
                "(mu, sigma), e.g. VIRTUAL_imagenet256_labeled.npz, or one written by `dumo-ray evaluate --save-reference`")
-    if resolved_eval_features(cfg) == "digits":
-        m = cfg.model
-        _check((m.input_size, m.in_channels, m.num_classes) == (8, 1, 10),
-               "eval.features 'digits' judges 8x8 one-channel images of 10 classes (pixel-space digits); "
+    judged = {"digits": (8, "pixel-space digits"), "fashion": (32, "pixel-space Fashion-MNIST")}
+    if resolved_eval_features(cfg) in judged:
+        m, (size, what) = cfg.model, judged[resolved_eval_features(cfg)]
+        _check((m.input_size, m.in_channels, m.num_classes) == (size, 1, 10),
+               f"eval.features '{cfg.eval.features}' judges {size}x{size} one-channel images of 10 classes ({what}); "
                f"this model makes {m.input_size}x{m.input_size}x{m.in_channels} of {m.num_classes} classes")
 
 

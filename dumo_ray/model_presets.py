@@ -10,5 +10,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "DuMo-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
     "DuMo-Mini/2": dict(depth=3, hidden_size=192, num_heads=6, patch_size=2),  # 4x Tiny: 2.3M on the digits
     "DuMo-Tiny/2": dict(depth=3, hidden_size=96, num_heads=4, patch_size=2),  # digits quickstart, 0.6M
+    "DuMo-Mini/4": dict(depth=3, hidden_size=192, num_heads=6, patch_size=4),  # Fashion-MNIST 32x32 on CPU: 64 tokens
+    "DuMo-Tiny/4": dict(depth=3, hidden_size=96, num_heads=4, patch_size=4),
     "DuMo-Micro/2": dict(depth=2, hidden_size=32, num_heads=2, patch_size=2),  # unit tests
 }

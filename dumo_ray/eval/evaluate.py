@@ -2,7 +2,7 @@
 
 Samples: an ADM sample batch (`.npz`) or an image folder. Reference: an ADM reference batch (`mu`,
 `sigma`), an image set (`.npz` / folder), a precomputed latent folder (decoded through its VAE, originals
-only), or nothing for a network that carries its own (digits).
+only), or nothing for a network that carries its own (digits, fashion).
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ them), "logits" (Inception Score) and "predicted" (class accuracy). Pick one by 
 - digits: FD-digits for the demo. A small MLP classifier trained on scikit-learn's real digits; its
   hidden layer is the feature space, its predictions give class accuracy. It carries its own reference
   (the real digits).
+- fashion: FD-fashion, the same idea for Fashion-MNIST at 32x32: a small CNN trained (once, then cached)
+  on the training split, which is also its reference.
 """
 from __future__ import annotations
 
@@ -110,6 +112,34 @@ class DigitsFeatures:
         return self.real_statistics
 
 
+class FashionFeatures:
+    """FD-fashion: the hidden layer (128 units) of a small CNN trained on Fashion-MNIST's training split
+    (eval/fashion_classifier.py); its reference is the training split's statistics."""
+
+    name = "fashion"
+
+    def __init__(self):
+        from dumo_ray.eval.fashion_classifier import load_or_train
+
+        self.net, self.train_statistics = load_or_train()
+
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        from dumo_ray.eval.fashion_classifier import features_and_predictions
+
+        if tuple(images.shape[1:]) != (1, 32, 32):
+            raise ValueError(f"fashion features take 32x32 one-channel images, got {tuple(images.shape[1:])}")
+        features, predicted = features_and_predictions(self.net, images)
+        return {"features": features, "predicted": predicted}
+
+    def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.train_statistics
+
+
+@functools.lru_cache(maxsize=1)
+def fashion_features() -> FashionFeatures:
+    return FashionFeatures()
+
+
 @functools.lru_cache(maxsize=1)
 def digits_features() -> DigitsFeatures:
     return DigitsFeatures()  # trained once per process (about a second)
@@ -121,4 +151,6 @@ def build_feature_network(name: str, *, inception_weights: str | None = None,
         return InceptionFeatures(inception_weights, device)
     if name == "digits":
         return digits_features()
-    raise ValueError(f"unknown feature network {name!r}; use 'inception' or 'digits'")
+    if name == "fashion":
+        return fashion_features()
+    raise ValueError(f"unknown feature network {name!r}; use 'inception', 'digits' or 'fashion'")

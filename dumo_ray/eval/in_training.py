@@ -47,8 +47,8 @@ class TrainingEvaluator:
         if not self.enabled:
             return
         self.network = build_feature_network(self.kind, inception_weights=cfg.eval.inception_weights or None, device=device)
-        self.reference = (self.network.reference_statistics() if self.kind == "digits"
-                          else load_reference(cfg.eval.reference))
+        own = self.network.reference_statistics()  # the digits and fashion judges carry their own
+        self.reference = own if own is not None else load_reference(cfg.eval.reference)
         self.indices, self.labels, self.seeds = eval_indices(cfg, rank, world)
         self.method, self.head = default_method_and_head(cfg.objective.name)
 

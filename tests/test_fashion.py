@@ -1,0 +1,64 @@
+"""Fashion-MNIST from idx files: a tiny idx pair written here (the real 71 MB wheel is the benchmark's
+business), decoded to the PNG tree `precompute` reads, and the MD5 check on missing and wrong files."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dumo_ray.cli import main
+from dumo_ray.data.fashion import CLASS_FOLDERS, OFFICIAL_MD5, md5, read_idx, write_fashion_tree
+
+
+def write_idx(path, array: np.ndarray, magic: int) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in array.shape) + array.tobytes())
+
+
+@pytest.fixture
+def tiny_split(tmp_path):
+    """12 random 28x28 images with labels 0..9, 0, 1 under the official test-split names."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, size=(12, 28, 28), dtype=np.uint8)
+    labels = np.array([*range(10), 0, 1], dtype=np.uint8)
+    source = tmp_path / "source"
+    source.mkdir()
+    write_idx(source / "t10k-images-idx3-ubyte.gz", images, 2051)
+    write_idx(source / "t10k-labels-idx1-ubyte.gz", labels, 2049)
+    checksums = {name: md5(source / name) for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    return source, images, labels, checksums
+
+
+def test_the_tree_holds_every_image_padded_under_its_class(tiny_split, tmp_path):
+    source, images, labels, checksums = tiny_split
+    out = tmp_path / "tree"
+    assert write_fashion_tree(out, source, "test", size=32, checksums=checksums) == 12
+    assert sorted(p.name for p in out.iterdir()) == list(CLASS_FOLDERS)  # sorted = label order for precompute
+    for index, (image, label) in enumerate(zip(images, labels)):
+        png = np.asarray(Image.open(out / CLASS_FOLDERS[label] / f"test_{index:05d}.png"))
+        assert png.shape == (32, 32) and png.dtype == np.uint8
+        assert np.array_equal(png[2:30, 2:30], image)  # centred, lossless
+        assert png[:2].sum() == png[30:].sum() == png[:, :2].sum() == png[:, 30:].sum() == 0  # black border
+    assert len(list((out / CLASS_FOLDERS[0]).iterdir())) == 2
+
+
+def test_official_checksums_reject_other_files_and_missing_ones_are_named(tiny_split, tmp_path, capsys):
+    source, *_ = tiny_split
+    # The tiny files are not the official ones: the default check names the file and both checksums.
+    with pytest.raises(ValueError, match=rf"t10k-images-idx3-ubyte.gz has MD5 [0-9a-f]{{32}}, the official file has "
+                                         rf"{OFFICIAL_MD5['t10k-images-idx3-ubyte.gz']}"):
+        write_fashion_tree(tmp_path / "tree", source, "test")
+    assert not (tmp_path / "tree").exists()  # nothing written from a file that failed its check
+    assert main(["fashion-tree", "--source", str(source), "--split", "train", "--output", str(tmp_path / "t")]) == 2
+    assert "train-images-idx3-ubyte.gz is missing" in capsys.readouterr().err
+
+
+def test_a_bad_idx_header_is_a_clear_error(tmp_path):
+    write_idx(tmp_path / "labels.gz", np.zeros(3, np.uint8), 2049)
+    with pytest.raises(ValueError, match="idx magic 2049, expected 2051"):
+        read_idx(tmp_path / "labels.gz", 2051)
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(struct.pack(">iiii", 2051, 5, 28, 28) + bytes(100))
+    with pytest.raises(ValueError, match=r"100 bytes of data, the header says \(5, 28, 28\)"):
+        read_idx(tmp_path / "short.gz", 2051)
