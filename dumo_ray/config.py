@@ -134,6 +134,8 @@ class ObjectiveConfig:
     r_std: Positive = doc(1.0, "logit-normal std of r (time_sampler separate)")
     equal_fraction: Optional[Fraction] = doc(None, "share of samples with r = t; null: dumo 0.0, meanflow 0.75")
     zero_fraction: Fraction = doc(0.0, "share of samples with r = 0")
+    u_fraction: Annotated[Number, _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")] = doc(
+        1.0, "dumo: share of each batch that also trains the u-head (its JVP); the v-head trains on every row")
     lambda_v: NonNegative = doc(1.0, "weight of the v-head's loss")
     lambda_u: NonNegative = doc(1.0, "weight of the u-head's loss")
     adaptive_p_v: NonNegative = doc(1.0, "v-loss weighted L / (L + c)^p: this p")
@@ -155,6 +157,8 @@ class ObjectiveConfig:
                f"{self.resolved_equal_fraction} + {self.zero_fraction}")
         _check(self.cfg_t_lo <= self.cfg_t_hi,
                f"objective.cfg_t_lo ({self.cfg_t_lo}) must be <= objective.cfg_t_hi ({self.cfg_t_hi})")
+        _check(self.u_fraction == 1.0 or self.name == "dumo",
+               f"objective.u_fraction applies to dumo only (the {self.name} objective has one loss on every row)")
 
     @property
     def resolved_equal_fraction(self) -> float:

@@ -44,6 +44,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("optim.lr=-1", "optim.lr must be > 0, got -1"),
     ("objective.equal_fraction=1.5", "objective.equal_fraction must be in [0, 1], got 1.5"),
     ("objective.zero_fraction=-0.1", "objective.zero_fraction must be in [0, 1]"),
+    ("objective.u_fraction=0", "objective.u_fraction must be in (0, 1], got 0"),
     ("model.preset=DuMo-XXL/2", "model.preset must be one of"),
     ("objective.name=shortcut", "objective.name must be one of dumo, meanflow, flow_matching"),
     ("jvp.estimator=fd", "jvp.estimator must be one of auto, jvp, dual, finite_difference; got 'fd'"),
@@ -208,3 +209,8 @@ def test_relative_paths_are_resolved_for_ray_workers(tmp_path, monkeypatch):
     s3 = absolute_paths(load_config(ROOT / "configs/quickstart.yaml", ["train.storage_path=s3://bucket/runs",
                                                                         "tracking.uri=http://mlflow:5000"]))
     assert s3.train.storage_path == "s3://bucket/runs" and s3.tracking.uri == "http://mlflow:5000"
+
+
+def test_u_fraction_is_dumo_only():
+    with pytest.raises(ValueError, match="objective.u_fraction applies to dumo only"):
+        load_config(ROOT / "configs/digits_local.yaml", ["objective.name=meanflow", "objective.u_fraction=0.5"])

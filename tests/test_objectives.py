@@ -148,6 +148,28 @@ def test_tangent_knobs_give_the_hand_built_target(random_micro_model, knobs, ima
     torch.testing.assert_close(terms["loss_u"], ((u - u_target) ** 2).flatten(1).sum(1).mean().detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_u_fraction_trains_the_u_head_on_the_first_rows_and_the_v_head_on_all(random_micro_model):
+    """u_fraction 0.25 of 8 rows: the u-loss (and its JVP) on the first 2 rows, the v-loss on all 8."""
+    from dumo_ray.flow import u_and_dudt
+    from dumo_ray.flow.path import broadcast_time
+
+    cfg = ObjectiveConfig(name="dumo", cfg_w=1.0, cfg_k=0.0, class_dropout=0.0, adaptive_p_v=0.0, adaptive_p_u=0.0,
+                          u_fraction=0.25)
+    objective = build_objective(cfg, num_classes=10)
+    data = batch(8)
+    rows = []
+    counting = lambda x, t, r, y: rows.append(len(x)) or random_micro_model(x, t, r, y)
+    _, terms = objective(counting, data, torch.Generator().manual_seed(5))
+    assert rows == [2, 6]  # the JVP's pass on 2 rows, a plain forward on the other 6
+    nb = objective.draw(data, torch.Generator().manual_seed(5))
+    _, u, dudt = u_and_dudt(random_micro_model, nb.x_t[:2], nb.t[:2], nb.r[:2], nb.y[:2], nb.v_t[:2])
+    u_target = nb.v_t[:2] - broadcast_time(nb.t[:2] - nb.r[:2], dudt) * dudt
+    v = random_micro_model(nb.x_t, nb.t, nb.r, nb.y)[0]
+    torch.testing.assert_close(terms["loss_u"], ((u - u_target) ** 2).flatten(1).sum(1).mean().detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss_v"], ((v - nb.v_t) ** 2).flatten(1).sum(1).mean().detach(), rtol=1e-5, atol=1e-6)
+    assert objective.u_rows(1) == 1 and objective.u_rows(10) == 2 and build_objective(ObjectiveConfig(), 10).u_rows(7) == 7
+
+
 def test_lambda_u_warmup_and_boundary_term(random_micro_model):
     """loss = lambda_v L_v + lambda_u * ramp(images) L_u + lambda_boundary ||u(x_t, t, t) - v_t||^2."""
     cfg = ObjectiveConfig(name="dumo", cfg_w=1.0, cfg_k=0.0, class_dropout=0.0, adaptive_p_v=0.0, adaptive_p_u=0.0,

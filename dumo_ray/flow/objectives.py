@@ -16,7 +16,7 @@ errors. The weighted loss sits near 1 whatever happens, so the unweighted MSEs a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,10 @@ class NoisedBatch:
     r: torch.Tensor
     x_t: torch.Tensor
     v_t: torch.Tensor  # conditional velocity e - x0
+
+    def first(self, k: int) -> "NoisedBatch":
+        """The first k rows (rows are exchangeable: their times and noise are independent draws)."""
+        return NoisedBatch(*(getattr(self, f.name)[:k] for f in fields(self)))
 
 
 class Objective:
@@ -128,6 +132,10 @@ class DuMoObjective(Objective):
         """How much of the tangent is the v-head's prediction (the rest is the velocity target)."""
         return {"v_hat": 1.0, "v_target": 0.0}.get(self.cfg.tangent, ramp(images, self.cfg.tangent_blend_images))
 
+    def u_rows(self, n: int) -> int:
+        """How many of a micro-batch's n rows train the u-head (at least one)."""
+        return n if self.cfg.u_fraction >= 1.0 else max(1, round(self.cfg.u_fraction * n))
+
     def __call__(self, model, batch, generator, images=0):
         cfg = self.cfg
         nb = self.draw(batch, generator, images)
@@ -144,8 +152,16 @@ class DuMoObjective(Objective):
         # v_c is the v-head at the batch's own labels, i.e. stopgrad(v_hat): the velocity head
         # supplies the tangent that bounds the flow-map head.
         tangent = v_target if share == 0 else v_c if share == 1 else share * v_c + (1 - share) * v_target
-        v_hat, u_hat, dudt = u_and_dudt(model, nb.x_t, nb.t, nb.r, nb.y, tangent, **self.jvp_options)
-        u_target = self.flow_map_target(nb, tangent if cfg.identity_velocity == "tangent" else v_target, dudt)
+        # The u-loss (and its JVP, the dear part of the step) on the first u_fraction of the rows; the
+        # v-loss on all of them, the other rows' v-head from a plain forward pass.
+        k = self.u_rows(len(nb.t))
+        head = nb.first(k)
+        v_hat, u_hat, dudt = u_and_dudt(model, head.x_t, head.t, head.r, head.y, tangent[:k], **self.jvp_options)
+        if k < len(nb.t):
+            v_rest, _ = model(nb.x_t[k:], nb.t[k:], nb.r[k:], nb.y[k:])
+            v_hat = torch.cat([v_hat, v_rest])
+        identity_v = tangent if cfg.identity_velocity == "tangent" else v_target
+        u_target = self.flow_map_target(head, identity_v[:k], dudt)
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
         loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
         loss_u = adaptive_weighted(sse_u, cfg.resolved_adaptive_p_u, cfg.adaptive_c_u).mean()
