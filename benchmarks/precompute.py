@@ -2,9 +2,12 @@
 same VAE, same CPUs.
 
     python benchmarks/precompute.py [--images 96] [--resolution 128] [--vae sd|tiny] [--cpus 2]
+    python benchmarks/precompute.py --tree data/fashion --vae none --grayscale --resolution 32 --shard-size 5000
 
 The VAE has SD-VAE's architecture (diffusers AutoencoderKL, 83M parameters) with random weights (no
-download is possible here; the compute is the same). Prints a table and writes JSON (--json).
+download is possible here; the compute is the same); `--vae none` keeps pixels, as the digits and
+Fashion-MNIST runs do. `--tree` reads a real image tree (all of it) instead of random JPEGs. Prints a table
+and writes JSON (--json).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def make_images(root: Path, n: int, size: int) -> None:
         Image.fromarray(rng.integers(0, 255, (size, size * 5 // 4, 3), dtype=np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def plain_loop(root: Path, out: Path, vae_path: str, resolution: int, batch: int) -> float:
+def plain_loop(root: Path, out: Path, vae_path: str | None, resolution: int, batch: int, mode: str = "RGB") -> float:
     """The baseline a user would write: one process, decode + crop, encode, write one Parquet file."""
     from dumo_ray.data.images import list_image_tree, load_image
     from dumo_ray.data.latents import moments_table
@@ -41,14 +44,14 @@ def plain_loop(root: Path, out: Path, vae_path: str, resolution: int, batch: int
     import pyarrow.parquet as pq
 
     start = time.perf_counter()
-    vae = load_vae(vae_path)
+    vae = load_vae(vae_path) if vae_path else None
     records, _ = list_image_tree(root)
     keys, labels, moments = [], [], []
     for i in range(0, len(records), batch):
         chunk = records[i:i + batch]
-        pixels = np.stack([load_image(root / r.key, resolution)[0] for r in chunk])
+        pixels = np.stack([load_image(root / r.key, resolution, mode)[0] for r in chunk])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-        mean, std = encode_moments(vae, x)
+        mean, std = encode_moments(vae, x) if vae is not None else (x, torch.zeros_like(x))
         moments.append(torch.stack([mean, std], 1).numpy())
         keys += [r.key for r in chunk]
         labels += [r.label for r in chunk]
@@ -60,7 +63,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--vae", choices=["sd", "tiny"], default="sd")
+    p.add_argument("--vae", choices=["sd", "tiny", "none"], default="sd")
+    p.add_argument("--tree", default=None, help="an existing image tree to read instead of --images random JPEGs")
+    p.add_argument("--grayscale", action="store_true", help="one channel (with --vae none)")
+    p.add_argument("--shard-size", type=int, default=None)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--encoders", type=int, default=None)
@@ -72,25 +78,40 @@ def main() -> None:
 
     from dumo_ray.pipelines.precompute_latents import precompute_latents
 
+    from dumo_ray.data.images import list_image_tree
+    from dumo_ray.data.latents import load_manifest
+
+    mode = "L" if args.grayscale else "RGB"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_images(tmp / "images", args.images, args.resolution * 2)
-        torch.manual_seed(0)
-        AutoencoderKL(**(SD_VAE if args.vae == "sd" else TINY_VAE)).save_pretrained(tmp / "vae")
+        images = Path(args.tree) if args.tree else tmp / "images"
+        if not args.tree:
+            make_images(images, args.images, args.resolution * 2)
+        count = len(list_image_tree(images)[0])
+        vae = None
+        if args.vae != "none":
+            torch.manual_seed(0)
+            AutoencoderKL(**(SD_VAE if args.vae == "sd" else TINY_VAE)).save_pretrained(tmp / "vae")
+            vae = str(tmp / "vae")
         (tmp / "plain").mkdir()
-        plain_s = plain_loop(tmp / "images", tmp / "plain", str(tmp / "vae"), args.resolution, args.batch)
+        plain_s = plain_loop(images, tmp / "plain", vae, args.resolution, args.batch, mode)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             start = time.perf_counter()
-            precompute_latents(str(tmp / "images"), str(tmp / "ray"), vae=str(tmp / "vae"), resolution=args.resolution,
-                               batch_size=args.batch, shard_size=max(1, args.images // 4), num_encoders=args.encoders)
+            precompute_latents(str(images), str(tmp / "ray"), vae=vae, resolution=args.resolution, mode=mode,
+                               batch_size=args.batch, shard_size=args.shard_size or max(1, count // 4),
+                               num_encoders=args.encoders)
             ray_s = time.perf_counter() - start
         finally:
             ray.shutdown()
-    rows = [{"method": "plain single-process loop", "seconds": plain_s, "images_per_s": args.images / plain_s},
-            {"method": f"Ray Data pipeline ({args.cpus} CPUs)", "seconds": ray_s, "images_per_s": args.images / ray_s}]
-    report(f"{args.images} JPEGs -> {args.resolution}px crops -> {args.vae} VAE latents, torch threads "
-           f"{torch.get_num_threads()}", rows, ["method", "seconds", "images_per_s"], args.json, vars(args))
+        manifest = load_manifest(tmp / "ray")
+    rows = [{"method": "plain single-process loop", "rows": count, "shards": 1, "seconds": plain_s,
+             "images_per_s": count / plain_s},
+            {"method": f"Ray Data pipeline ({args.cpus} CPUs)", "rows": manifest["rows"], "shards": len(manifest["shards"]),
+             "seconds": ray_s, "images_per_s": count / ray_s}]
+    source = args.tree or "random JPEGs"
+    report(f"{count:,} images ({source}) -> {args.resolution}px crops -> {args.vae} VAE latents, torch threads "
+           f"{torch.get_num_threads()}", rows, ["method", "rows", "shards", "seconds", "images_per_s"], args.json, vars(args))
 
 
 if __name__ == "__main__":

