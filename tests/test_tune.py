@@ -80,8 +80,6 @@ def test_asha_sweep_with_mlflow_parent_and_children(local_ray, digits_latents, t
     assert len(children) == 2
     for child in children:
         assert child.data.params["optim.lr"] in ("0.003", "1e-07") and "fd_1step" in child.data.metrics
-    images = sorted(c.data.metrics.get("images", 0) for c in children)
-    assert images[0] < images[1] == 768  # the stopped trial logged fewer images than the finished one
 
     # Rerunning resumes: the finished trials are kept, none runs again.
     again = sweep(cfg, str(space), num_samples=1, scheduler="asha", search="grid", max_concurrent=1, name="lr-sweep")
