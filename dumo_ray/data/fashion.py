@@ -51,11 +51,8 @@ def resolve_source(source: str | Path | None) -> Path:
 
 
 def md5(path: Path) -> str:
-    digest = hashlib.md5()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def check_files(source: Path, split: str, checksums: dict[str, str] | None = OFFICIAL_MD5) -> tuple[Path, Path]:

@@ -89,9 +89,9 @@ def load_or_train(source: str | Path | None = None,
 
     train_md5 = md5(resolve_source(source) / SPLIT_FILES["train"][0])
     path = cache_dir() / f"fd-fashion-v{RECIPE['version']}-{train_md5[:12]}.safetensors"
-    net = FashionNet()
     if path.is_file():
         tensors = load_file(path)
+        net = FashionNet()
         net.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items() if not k.startswith("reference.")})
         return net.eval(), (tensors["reference.mu"], tensors["reference.sigma"])
     images, labels = load_fashion(source, "train", checksums)
