@@ -14,6 +14,9 @@ set. An arm is a named list of config overrides (`--arms` YAML file); without on
 objectives at their defaults. Wall time per run is reported too (the arms' step costs differ). Prints
 mean +- std over seeds.
 
+`--config configs/fashion32.yaml --data data/fashion-latents` runs the same comparison on Fashion-MNIST
+(README, "Fashion-MNIST"; FD-fashion judges); `--keep DIR` keeps each run's folder (sample grids, export).
+
 --budget wall gives every arm the wall time of `--steps` steps of `--reference-arm` (default: dumo at the
 current defaults; in the study's arms file, `dumo_v1` is dumo as first shipped) instead: each arm's step is timed first on this machine (same model and batch, 20 steps),
 and its step count scaled by the reference's step time / its own.
@@ -30,6 +33,7 @@ from pathlib import Path
 from report import report  # benchmarks/report.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = ROOT / "configs/digits_local.yaml"
 OBJECTIVES = ("dumo", "meanflow", "flow_matching")
 
 
@@ -45,18 +49,22 @@ def load_arms(path: str | None) -> dict[str, list[str]]:
     return {name: [*base, *overrides] for name, overrides in arms.items()}
 
 
-def arm_config(overrides: list[str], preset: str | None, extra: list[str] = ()):
-    from digits_data import digits_latent_folder  # benchmarks/digits_data.py
-
+def arm_config(overrides: list[str], preset: str | None, extra: list[str] = (), config: Path = DIGITS_CONFIG,
+               data: str | None = None):
+    """The run's config: `config` (the digits' by default, on the digits latent folder, written first if
+    missing) with the arm's overrides."""
     from dumo_ray.config import load_config
 
-    return load_config(ROOT / "configs/digits_local.yaml",
-                       [f"data.path={digits_latent_folder()}", "tracking.enabled=false", *overrides,
-                        *([f"model.preset={preset}"] if preset else []), *extra])
+    if data is None:
+        from digits_data import digits_latent_folder  # benchmarks/digits_data.py
+
+        data = digits_latent_folder()
+    return load_config(config, [f"data.path={data}", "tracking.enabled=false", *overrides,
+                                *([f"model.preset={preset}"] if preset else []), *extra])
 
 
-def step_seconds(overrides: list[str], preset: str | None) -> float:
-    """This machine's time for one training step of an arm on the digits model and batch."""
+def step_seconds(overrides: list[str], preset: str | None, config: Path = DIGITS_CONFIG, data: str | None = None) -> float:
+    """This machine's time for one training step of an arm on the config's model, image shape and batch."""
     import torch
 
     from step_cost import time_variant  # benchmarks/step_cost.py
@@ -64,24 +72,28 @@ def step_seconds(overrides: list[str], preset: str | None) -> float:
     from dumo_ray.flow import build_objective
     from dumo_ray.models import build_model_from_config
 
-    cfg = arm_config(overrides, preset)
+    cfg = arm_config(overrides, preset, config=config, data=data)
     torch.manual_seed(0)
     model = build_model_from_config(cfg)
     objective_fn = build_objective(cfg.objective, cfg.model.num_classes, cfg.jvp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = {"x0": torch.randn(128, 1, 8, 8), "y": torch.randint(0, 10, (128,))}
+    batch, size = cfg.optim.batch_size, cfg.model.input_size
+    data = {"x0": torch.randn(batch, cfg.model.in_channels, size, size), "y": torch.randint(0, cfg.model.num_classes, (batch,))}
     return time_variant(model, objective_fn, optimizer, data, torch.device("cpu"), "fp32", steps=20, warmup=5)
 
 
-def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: int, euler: list[int], storage: str) -> dict:
+def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: int, euler: list[int], storage: str,
+        config: Path = DIGITS_CONFIG, data: str | None = None) -> dict:
     from dumo_ray.train.launch import train_local
 
-    total = steps * 128
-    cfg = arm_config(overrides, preset, [
+    batch = arm_config(overrides, preset, config=config, data=data).optim.batch_size
+    total = steps * batch
+    cfg = arm_config(overrides, preset, config=config, data=data, extra=[
         f"train.seed={seed}", f"train.total_images={total}",
-        f"train.log_every_images={total // 10 // 128 * 128 or 128}", f"train.checkpoint_every_images={total}",
+        f"train.log_every_images={total // 10 // batch * batch or batch}", f"train.checkpoint_every_images={total}",
         f"train.storage_path={storage}", f"train.name={arm}-{seed}".replace("/", "-"), "eval.steps=[1, 2, 4]",
         f"eval.euler_steps={euler}", "eval.every_images=0", "train.sample_steps=[1, 2]"])
+    print(f"# {arm} seed {seed}: {steps:,} steps of batch {batch} -> {cfg.run_dir}", flush=True)
     if cfg.objective.name == "flow_matching":  # its default sampler is Euler on the v-head already
         cfg.eval.steps = sorted({*cfg.eval.steps, *euler})
         cfg.eval.euler_steps = []
@@ -127,7 +139,10 @@ def main() -> None:
     p.add_argument("--arms", default=None, help="YAML file: arm name -> list of config overrides")
     p.add_argument("--only", nargs="+", default=None, help="run these arms of the file (default: all)")
     p.add_argument("--objectives", nargs="+", default=None, choices=OBJECTIVES, help="without --arms: these objectives")
-    p.add_argument("--preset", default=None, help="model preset for every arm (default: the config's DuMo-Tiny/2)")
+    p.add_argument("--preset", default=None, help="model preset for every arm (default: the config's)")
+    p.add_argument("--config", type=Path, default=DIGITS_CONFIG, help="the base config (default: configs/digits_local.yaml)")
+    p.add_argument("--data", default=None, help="latent folder (default: the digits', written first if missing)")
+    p.add_argument("--keep", default=None, metavar="DIR", help="keep each run's folder here (default: a temporary folder)")
     p.add_argument("--budget", choices=["steps", "wall"], default="steps",
                    help="steps: every arm trains --steps steps; wall: the wall time of --steps reference-arm steps")
     p.add_argument("--reference-arm", default="dumo", help="the arm whose --steps steps set the wall budget")
@@ -154,15 +169,16 @@ def main() -> None:
         p.error(f"unknown arm(s) {unknown}; {args.arms or 'the default arms'} has {', '.join(arms)}")
     steps = {arm: args.steps for arm in chosen}
     if args.budget == "wall":
-        cost = {arm: step_seconds(arms[arm], args.preset) for arm in dict.fromkeys(chosen + [args.reference_arm])}
+        cost = {arm: step_seconds(arms[arm], args.preset, args.config, args.data) for arm in dict.fromkeys(chosen + [args.reference_arm])}
         steps = {arm: round(args.steps * cost[args.reference_arm] / cost[arm]) for arm in chosen}
         print("step time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in cost.items())
               + " -> steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
     results = []
-    with tempfile.TemporaryDirectory(prefix="dumo-quality-") as storage:
+    with tempfile.TemporaryDirectory(prefix="dumo-quality-") as scratch:
+        storage = str(Path(args.keep).resolve()) if args.keep else scratch
         for arm in chosen:
             for seed in args.seeds:
-                results.append(run(arm, arms[arm], args.preset, seed, steps[arm], args.euler, storage))
+                results.append(run(arm, arms[arm], args.preset, seed, steps[arm], args.euler, storage, args.config, args.data))
                 print(json.dumps(results[-1]), flush=True)
 
     columns = ["fd_1step", "accuracy_1step", "fd_2step", "accuracy_2step", "fd_4step", "accuracy_4step",
@@ -172,11 +188,12 @@ def main() -> None:
         runs = [r for r in results if r["arm"] == arm]
         table.append({"arm": arm, "steps": steps[arm], "s_per_run": statistics.mean(r["seconds"] for r in runs),
                       **{c: mean_std([r[c] for r in runs if c in r]) for c in columns}})
-    preset = args.preset or "DuMo-Tiny/2"
+    base = arm_config([], args.preset, config=args.config, data=args.data)
     budget = (f"{args.steps:,} training steps" if args.budget == "steps"
               else f"the wall time of {args.steps:,} {args.reference_arm} steps")
-    title = f"{preset}, {budget} of batch 128, seeds {args.seeds}, 1,000 evaluation samples (mean +- std)"
-    settings = {**vars(args), "arm_overrides": {a: arms[a] for a in chosen}, "runs": results}
+    title = (f"{base.model.preset} on {Path(base.data.path).name}, {budget} of batch {base.optim.batch_size}, "
+             f"seeds {args.seeds}, {base.eval.num_images:,} evaluation samples (mean +- std)")
+    settings = {**vars(args), "config": str(args.config), "arm_overrides": {a: arms[a] for a in chosen}, "runs": results}
     report(title, table, ["arm", "steps", "s_per_run"] + columns, args.json, settings)
     if args.mlflow:
         print("MLflow parent run:", log_to_mlflow(args.mlflow, args.experiment, title, settings, results))

@@ -22,6 +22,10 @@ def test_defaults_are_the_paper_recipe():
     # The DuMo study's winner (README): tangent v_target, u-loss weighted with p = 0.5; MeanFlow keeps p = 1.
     assert cfg.objective.tangent == "v_target" and cfg.objective.resolved_adaptive_p_u == 0.5
     assert ObjectiveConfig(name="meanflow").resolved_adaptive_p_u == 1.0
+    # The v-loss: dumo p = 0.5 (the study's round 3); the baselines keep their papers' p = 1.
+    assert cfg.objective.resolved_adaptive_p_v == 0.5
+    assert [ObjectiveConfig(name=n).resolved_adaptive_p_v for n in ("meanflow", "flow_matching")] == [1.0, 1.0]
+    assert ObjectiveConfig(name="dumo", adaptive_p_v=1.0).resolved_adaptive_p_v == 1.0
     assert (cfg.objective.time_mean, cfg.objective.time_std) == (-0.4, 1.0)
 
 
@@ -106,18 +110,19 @@ def test_jvp_estimator_auto_is_settled_when_the_config_loads(tmp_path):
     """ZeRO-3's partitioned parameters have no forward-mode derivative: `auto` (the default) resolves to
     finite differences there, and the saved config says so; an explicit jvp or dual is an error naming the fix."""
     quickstart = ROOT / "configs/quickstart.yaml"
-    assert Config().jvp.estimator == "jvp" and load_config(quickstart).jvp.estimator == "jvp"
-    zero3 = load_config(quickstart, ["distributed.zero_stage=3"])
+    assert load_config(quickstart).jvp.estimator == "finite_difference"  # the CPU configs ask for it
+    assert Config().jvp.estimator == "jvp" and load_config(quickstart, ["jvp.estimator=auto"]).jvp.estimator == "jvp"
+    zero3 = load_config(quickstart, ["jvp.estimator=auto", "distributed.zero_stage=3"])
     assert zero3.jvp.estimator == "finite_difference"
     save_config(zero3, tmp_path / "config.yaml")
     assert "estimator: finite_difference" in (tmp_path / "config.yaml").read_text()
     assert load_config(tmp_path / "config.yaml") == zero3
     # Flow matching differentiates nothing: auto stays the exact JVP (unused), and jvp is allowed.
-    assert load_config(quickstart, ["distributed.zero_stage=3", "objective.name=flow_matching"]).jvp.estimator == "jvp"
-    load_config(quickstart, ["distributed.zero_stage=3", "objective.name=flow_matching", "jvp.estimator=jvp"])
+    assert load_config(quickstart, ["jvp.estimator=auto", "distributed.zero_stage=3", "objective.name=flow_matching"]).jvp.estimator == "jvp"
+    load_config(quickstart, ["jvp.estimator=auto", "distributed.zero_stage=3", "objective.name=flow_matching", "jvp.estimator=jvp"])
     for estimator in ("jvp", "dual"):
         with pytest.raises(ConfigError) as err:
-            load_config(quickstart, ["distributed.zero_stage=3", f"jvp.estimator={estimator}"])
+            load_config(quickstart, ["jvp.estimator=auto", "distributed.zero_stage=3", f"jvp.estimator={estimator}"])
         assert str(err.value) == (f"jvp.estimator '{estimator}' does not run under distributed.zero_stage 3 "
                                   "(partitioned parameters have no forward-mode derivative): set "
                                   "jvp.estimator=finite_difference (or auto), or distributed.zero_stage=2")
@@ -157,8 +162,8 @@ def test_config_command_prints_the_resolved_config_with_docs_and_defaults(capsys
     assert lines["lr"].startswith("  lr: 0.0003 ") and "# * Adam learning rate (constant) (default 0.0001)" in lines["lr"]
     assert "#   Adam beta1 (default 0.9)" in lines["beta1"]  # unchanged: no mark
     assert lines["preset"].startswith("  preset: DuMo-Tiny/2 ") and "(default DuMo-XL/2)" in lines["preset"]
-    # auto, left alone, shows what it resolved to, unmarked; the header names the sources.
-    assert lines["estimator"].startswith("  estimator: finite_difference ") and "#   " in lines["estimator"]
+    # The quickstart sets finite_difference (a CPU config): marked; the header names the sources.
+    assert lines["estimator"].startswith("  estimator: finite_difference ") and "# * " in lines["estimator"]
     assert lines["estimator"].endswith("(default auto)")
     assert out.splitlines()[0] == f"# dumo-ray config: {ROOT / 'configs/quickstart.yaml'} --set optim.lr=3e-4 --set distributed.zero_stage=3"
     assert "jvp:  # How du/dt" in out
@@ -172,6 +177,10 @@ def test_config_command_prints_the_resolved_config_with_docs_and_defaults(capsys
     assert out.splitlines()[0] == "# dumo-ray config: the defaults"
     assert not [line for line in out.splitlines() if line.startswith("  ") and "# * " in line]
     assert config_from_dict(yaml.safe_load(out), check=False) == Config()
+    # auto, left alone, shows what it resolved to, unmarked.
+    assert main(["config", "--set", "distributed.zero_stage=3"]) == 0
+    estimator = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  estimator:"))
+    assert estimator.startswith("  estimator: finite_difference ") and "#   " in estimator
     assert main(["config", "--set", "jvp.estimator=jvp"]) == 0
     estimator = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  estimator:"))
     assert estimator.startswith("  estimator: jvp ") and "# * " in estimator

@@ -35,7 +35,7 @@ def history(tracking_uri, run_id, key):
 def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path, capfd):
     # The compiled JVP pass (the default on CUDA) is forced on: each worker compiles its engine's module.
     cfg = tiny_config(digits_latents, tmp_path, "zero2", "eval.features=digits", "eval.every_images=256",
-                      "eval.num_images=100", "eval.chunk=16", "jvp.compile_jvp=always")
+                      "eval.num_images=100", "eval.chunk=16", "jvp.estimator=jvp", "jvp.compile_jvp=always")
     result = fit(cfg)
     assert result.error is None
     assert result.metrics["images"] == 640 and result.metrics["rank_param_max_diff"] == 0.0  # ranks identical
@@ -77,12 +77,14 @@ def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path,
 
     model, exported_cfg, info = load_ema_model(export)
     alone = TrainingEvaluator(exported_cfg, decode=make_decoder(info, None, "cpu"))(model)
-    assert alone == {k: result.metrics[k] for k in alone}
+    # Equal up to float32 summation order (the workers and this process may use other thread counts):
+    # FD ~450 here, so 1e-6 relative is far below any real difference, and accuracies are counts.
+    assert alone == pytest.approx({k: result.metrics[k] for k in alone}, rel=1e-6)
 
 
 def test_zero3_trains_the_dumo_objective_and_checkpoints(digits_latents, tmp_path, capfd):
     cfg = tiny_config(digits_latents, tmp_path, "zero3", "distributed.zero_stage=3", "train.total_images=320",
-                      "tracking.enabled=false")
+                      "tracking.enabled=false", "jvp.estimator=auto")
     result = fit(cfg)
     assert result.error is None and result.checkpoint is not None
     assert result.metrics["images"] == 320 and result.metrics["rank_param_max_diff"] == 0.0

@@ -163,7 +163,7 @@ class DuMoObjective(Objective):
         identity_v = tangent if cfg.identity_velocity == "tangent" else v_target
         u_target = self.flow_map_target(head, identity_v[:k], dudt)
         sse_v, sse_u = per_sample_sse(v_hat, v_target), per_sample_sse(u_hat, u_target)
-        loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
+        loss_v = adaptive_weighted(sse_v, cfg.resolved_adaptive_p_v, cfg.adaptive_c_v).mean()
         loss_u = adaptive_weighted(sse_u, cfg.resolved_adaptive_p_u, cfg.adaptive_c_u).mean()
         loss = cfg.lambda_v * loss_v + self.lambda_u(images) * loss_u
         dim = v_hat[0].numel()
@@ -215,7 +215,7 @@ class FlowMatchingObjective(Objective):
         v_target = self.guided_target(nb, v_c, v_n)
         v_hat, _ = model(nb.x_t, nb.t, nb.r, nb.y)
         sse_v = per_sample_sse(v_hat, v_target)
-        loss_v = adaptive_weighted(sse_v, cfg.adaptive_p_v, cfg.adaptive_c_v).mean()
+        loss_v = adaptive_weighted(sse_v, cfg.resolved_adaptive_p_v, cfg.adaptive_c_v).mean()
         loss = cfg.lambda_v * loss_v
         return loss, {"loss": loss.detach(), "loss_v": loss_v.detach(), "mse_v": sse_v.detach().mean() / v_hat[0].numel()}
 
