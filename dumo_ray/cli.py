@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  usage="dumo-ray submit [options] -- <command> [args ...]")
     submit.set_defaults(func=run_submit)
     submit.add_argument("--address", default=None,
-                        help=f"job server URL (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_JOB_ADDRESS})")
+                        help="job server URL (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else "
+                             f"{DEFAULT_JOB_ADDRESS}); an error if one of those variables names another address")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="list the files that would be uploaded and their total size; connect to nothing")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
     submit.add_argument("--submission-id", default=None, help="job id (default: dumo-<command>-<time>-<random>)")
     submit.add_argument("--pip", action="store_true", help="install the package's dependencies into the job's virtualenv")
@@ -75,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint's EMA weights (a grid, or K images on Ray)")
     sample.set_defaults(func=run_sample)
-    sample.add_argument("--checkpoint", required=True, help="EMA export folder or training checkpoint directory (of either launcher)")
+    sample.add_argument("--checkpoint", required=True,
+                        help="EMA export folder, training checkpoint directory (of either launcher), or a run folder "
+                             "(storage_path/name: its newest checkpoint)")
     sample.add_argument("--steps", type=int, default=1, help="1, 2 or N sampling steps (default 1)")
     sample.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
     sample.add_argument("--labels", type=_labels, default=None,
@@ -156,19 +161,35 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.distributed.address = args.address
-    if cfg.distributed.launcher == "local":
-        from dumo_ray.train.launch import train_local
+    from dumo_ray.train.launch import deterministic_cause, fit, train_local
 
-        train_local(cfg)
-        return 0
-    from dumo_ray.train.launch import fit
-
-    result = fit(cfg)
-    if result.error is not None:
-        print(f"dumo-ray train: error: the run failed: {result.error}", file=sys.stderr)
-        return 1
+    try:
+        if cfg.distributed.launcher == "local":
+            train_local(cfg)
+            return 0
+        result = fit(cfg)
+        error = result.error
+    except Exception as raised:  # Ray Train V2's fit() raises a failed run's error
+        error = raised
+    if error is not None:
+        # One line with the cause, not Ray's wrapped traceback; the full one is in the logs.
+        cause = deterministic_cause(error) or error
+        message = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        print(f"dumo-ray train: error: {message}", file=sys.stderr)
+        print(f"dumo-ray train: the full traceback is above and in Ray's logs ({ray_log_folder()}); the run's "
+              f"folder: {cfg.run_dir}", file=sys.stderr)
+        return 2 if isinstance(cause, ConfigError) else 1
     print(f"[dumo-ray] run finished: {result.path}")
     return 0
+
+
+def ray_log_folder() -> str:
+    try:
+        import ray
+
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except Exception:  # no Ray started (the local launcher), or its internals moved
+        return "/tmp/ray/session_latest/logs"
 
 
 def run_config(args: argparse.Namespace) -> int:
@@ -183,12 +204,15 @@ def run_config(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from dumo_ray.jobs import submit
+    from dumo_ray.jobs import dry_run, submit
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     env_vars = dict(item.split("=", 1) for item in args.env if "=" in item)
     if len(env_vars) != len(args.env):
         raise ValueError("--env takes KEY=VALUE")
+    if args.dry_run:
+        dry_run(command, address=args.address, pip=args.pip, env_vars=env_vars, python=args.python)
+        return 0
     _, status = submit(command, address=args.address, wait=not args.no_wait, submission_id=args.submission_id,
                        pip=args.pip, entrypoint_num_cpus=args.entrypoint_num_cpus,
                        entrypoint_num_gpus=args.entrypoint_num_gpus, entrypoint_memory=args.entrypoint_memory,
@@ -233,12 +257,17 @@ def run_tune(args: argparse.Namespace) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     if args.num < 1 or args.steps < 1 or args.chunk < 1:
         raise ValueError("--num, --steps and --chunk must be >= 1")
+    from dumo_ray.sampling import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)  # once: every sampler actor loads the same weights
+    if checkpoint != Path(args.checkpoint):
+        print(f"[dumo-ray] sampling from {checkpoint}")
     common = dict(steps=args.steps, num=args.num, labels=args.labels, method=args.method, seed=args.seed,
                   mid=args.mid, chunk=args.chunk, vae=args.vae, precision=args.precision)
     if args.out:
         from dumo_ray.sampling import sample_to_file
 
-        print(f"[dumo-ray] wrote {sample_to_file(args.checkpoint, args.out, **common)}")
+        print(f"[dumo-ray] wrote {sample_to_file(checkpoint, args.out, **common)}")
         return 0
     import ray
 
@@ -247,7 +276,7 @@ def run_sample(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     ray.init(address=args.address, ignore_reinit_error=True)
     try:
-        summary = sample_images(args.checkpoint, args.output_dir, workers=args.workers,
+        summary = sample_images(checkpoint, args.output_dir, workers=args.workers,
                                 batch_size=args.batch_size, formats=formats, **common)
     finally:
         ray.shutdown()
@@ -299,7 +328,7 @@ def run_verify_latents(args: argparse.Namespace) -> int:
     for problem in report["problems"]:
         print(f"problem: {problem}")
     print(f"[dumo-ray] {report['shards']} shards, {report['rows']:,} rows, "
-          f"{len(report['problems'])} problems; preview {preview}")
+          f"{len(report['problems'])} problems; preview {report['preview'] or 'none (no rows)'}")
     return 1 if report["problems"] else 0
 
 

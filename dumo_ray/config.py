@@ -16,10 +16,11 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, PlainVa
 from pydantic import StrictInt, StrictStr, ValidationError
 from pydantic.dataclasses import dataclass
 
+from dumo_ray.errors import DeterministicError
 from dumo_ray.model_presets import PRESETS
 
 
-class ConfigError(ValueError):
+class ConfigError(DeterministicError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
@@ -39,6 +40,12 @@ def _rule(test: Callable[[Any], bool], text: str) -> AfterValidator:
             raise ValueError(text)
         return value
     return AfterValidator(check)
+
+
+def _plain_name(value: str) -> bool:
+    """A run name is one folder inside storage_path: `..`, a separator or an absolute path would put
+    the run, and the checkpoints a rerun resumes from, somewhere else."""
+    return value.strip() not in ("", ".", "..") and not any(sep in value for sep in ("/", "\\", "\0"))
 
 
 def _yaml_number(value: Any) -> Any:
@@ -294,7 +301,8 @@ class TrainConfig:
     checkpoint_every_images: PositiveInt = doc(1_280_000, "checkpoint interval")
     keep_checkpoints: PositiveInt = doc(3, "checkpoints kept (older ones are deleted)")
     storage_path: Str = doc("runs", "local dir, NFS path or s3:// / gs:// URI; the run lives in storage_path/name")
-    name: Annotated[Str, _rule(lambda v: bool(v) and "/" not in v, "must be a plain name")] = doc(
+    name: Annotated[Str, _rule(_plain_name, "must be a plain name (one folder inside train.storage_path: "
+                                            "no '/' or '\\', not '.' or '..')")] = doc(
         "dumo", "run name; rerunning with the same storage_path and name resumes the run")
     seed: Int = doc(0, "seed of all randomness (per rank, step and purpose) and the data order")
     device: Literal["auto", "cpu", "cuda"] = doc("auto", "the local launcher's device: auto | cpu | cuda")
@@ -426,7 +434,10 @@ def parse_override(text: str) -> dict[str, Any]:
     """`optim.lr=3e-4` -> {"optim": {"lr": 0.0003}}; the value is parsed as YAML (numbers, lists, null)."""
     key, sep, raw = text.partition("=")
     _check(bool(sep) and bool(key.strip()), f"override {text!r} must look like section.key=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {_yaml_problem(err, raw)}") from None
     nested: dict[str, Any] = value
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
@@ -485,13 +496,50 @@ def config_from_dict(values: dict[str, Any], *, check: bool = True, saved: bool 
     return cfg
 
 
+def _line_column(text: str | bytes, index: int) -> str:
+    newline = b"\n" if isinstance(text, bytes) else "\n"
+    return f"line {text.count(newline, 0, index) + 1}, column {index - (text.rfind(newline, 0, index) + 1) + 1}"
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """PyYAML's multi-line message as one line: where (from its mark, 1-based) and what."""
+    mark, context_mark = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow (e.g. NUL)
+        where, what = _line_column(text, err.position), str(err).splitlines()[0]
+    else:
+        mark = mark or context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        if context:
+            started = (f" at line {context_mark.line + 1}, column {context_mark.column + 1}"
+                       if context_mark is not None and context_mark is not mark else "")
+            what = f"{what} ({context}{started})"
+    return f"{where}: {what}".replace("\n", " ")
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file parsed as YAML; a file that is not UTF-8 text or not YAML is one ConfigError naming the file and
+    the position, instead of PyYAML's multi-line traceback."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at "
+                          f"{_line_column(data, err.start)}): is it a YAML config?") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err, text)}") from None
+
+
 def read_values(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The YAML file's values with the dotted overrides merged in, not yet validated: what the user set."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         _check(path.is_file(), f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         _check(isinstance(loaded, dict), f"config file {path} must hold a mapping at the top level")
         values = loaded
     for text in overrides:

@@ -3,10 +3,12 @@ server (`ray.job_submission.JobSubmissionClient`).
 
 The project travels as the job's `working_dir` (Ray puts it on the PYTHONPATH of the job's driver and of
 every worker it starts, so the cluster runs exactly this checkout's code, `pipelines/` and `tune/` included:
-see dumo_ray/__init__.py), minus what `.gitignore` lists and never data, runs, checkpoints or MLflow
-stores. `--pip` also installs the package's dependencies into the job's own virtualenv (for clusters whose
-image lacks them). The entrypoint is `python -m dumo_ray.cli <command> <args>` (`--python` names another
-interpreter on the cluster).
+see dumo_ray/__init__.py), minus what `.gitignore` and `.rayignore` list and never data, runs, checkpoints,
+MLflow stores or secrets (SECRETS_EXCLUDED). `--dry-run` lists what would be uploaded, found by Ray's own
+walk and matching, and connects to nothing. `--pip` also installs the package's dependencies into the job's
+own virtualenv (for clusters whose image lacks them). The entrypoint is `python -m dumo_ray.cli <command>
+<args>` (`--python` names another interpreter on the cluster). The job server is `--address`; one that
+$RAY_API_SERVER_ADDRESS / $RAY_ADDRESS contradicts is an error (see resolve_address).
 
 Token authentication (a local `ray.init()` turns it on by itself; `ray start` clusters when
 RAY_AUTH_MODE=token, as the configs in cluster/ set it): the token is read from `$RAY_AUTH_TOKEN`,
@@ -29,6 +31,22 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Anchored at the root where a bare name would also hit packages (dumo_ray/data is code, /data is data).
 ALWAYS_EXCLUDED = [".git/", "/.venv/", "/venv/", "/data/", "/runs/", "/mlruns/", "/mlartifacts/", "/outputs/", "*.db",
                    "*.npz", "*.parquet", "*.safetensors", "*.pt", "*.pth", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+# Never uploaded either: secrets a checkout may hold. The package lands in the cluster's object store and on
+# every node's disk, readable by anyone who can run a job there. Unanchored patterns match at any depth.
+SECRETS_EXCLUDED = [
+    ".env", ".env.*", ".envrc",                                      # dotenv / direnv files
+    ".netrc", "_netrc", ".pypirc", ".git-credentials", ".npmrc",     # logins for hosts and registries
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",       # private keys and certificate stores
+    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".ssh/",       # SSH keys
+    ".aws/", ".gcp/", ".azure/", ".kube/", ".docker/", "credentials",  # cloud / cluster logins
+    "*credentials*.json", "*-sa.json", "*service?account*.json",     # GCP service-account and OAuth keys
+    "*token", "*.token", "*token.txt", "*token.json",                # auth_token, .hf_token, github-token.json
+    "secrets/", ".secrets/", "*.secret",
+    # Launcher configs: a filled-in copy names real accounts and networks, and the job never reads them.
+    "/cluster/",
+]
+# Ray reads the job server address from these, the first one set, and lets it override the one it is given.
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -53,8 +71,10 @@ def project_root(start: Path | None = None) -> Path:
                      f"at {installed_from}, not from a checkout")
 
 
-def gitignore_patterns(root: Path) -> list[str]:
-    path = root / ".gitignore"
+def gitignore_patterns(root: Path, name: str = ".gitignore") -> list[str]:
+    """The patterns of the ignore file `name` at the checkout root. Negations (`!keep`) are dropped: in the
+    one excludes list they could bring back a file that another pattern (a secret, data) keeps out."""
+    path = root / name
     if not path.is_file():
         return []
     lines = (line.strip() for line in path.read_text().splitlines())
@@ -66,8 +86,10 @@ def package_dependencies(root: Path) -> list[str]:
 
 
 def runtime_env(root: Path, *, pip: bool = False, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
-    env: dict[str, Any] = {"working_dir": str(root),
-                           "excludes": list(dict.fromkeys(ALWAYS_EXCLUDED + gitignore_patterns(root)))}
+    # Ray itself also honours every folder's .gitignore and .rayignore; the root ones are copied into the
+    # excludes so they hold even with RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 and show in the job's runtime_env.
+    patterns = ALWAYS_EXCLUDED + SECRETS_EXCLUDED + gitignore_patterns(root) + gitignore_patterns(root, ".rayignore")
+    env: dict[str, Any] = {"working_dir": str(root), "excludes": list(dict.fromkeys(patterns))}
     if pip:
         env["pip"] = package_dependencies(root)
     if env_vars:
@@ -84,8 +106,49 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def package_files(root: Path, excludes: Sequence[str]) -> list[tuple[str, int]]:
+    """(relative path, bytes) of every file Ray would put in the working_dir package of `root`: Ray's own walk
+    and gitwildmatch matching (ray._private.runtime_env.packaging, as `upload_working_dir_if_needed` uses
+    them), its default excludes before ours, each folder's .gitignore/.rayignore, so a dry run is truthful."""
+    import logging
+
+    import ray
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = root.absolute()
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    patterns = ray_constants.get_runtime_env_default_excludes() + list(excludes)
+    files: list[tuple[str, int]] = []
+
+    def collect(path: Path) -> None:
+        if path.is_file():
+            files.append((path.relative_to(root).as_posix(), path.stat().st_size))
+
+    try:
+        _dir_travel(root, [_get_excludes(root, patterns)], collect, include_gitignore=include_gitignore,
+                    logger=logging.getLogger(__name__))
+    except TypeError as err:  # a private function: say so rather than list the wrong files
+        raise ValueError(f"--dry-run reuses Ray's packaging walk, whose signature differs in Ray {ray.__version__} "
+                         f"({err}); this project pins ray==2.60.0 (constraints/ci.txt)") from err
+    return sorted(files)
+
+
 def resolve_address(address: str | None) -> str:
-    return address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+    """The job server to use. JobSubmissionClient replaces the address it is given by $RAY_API_SERVER_ADDRESS
+    (else $RAY_ADDRESS) whenever one is set, so the job and the bearer token would silently go to the cluster
+    the environment names: an --address that the environment contradicts is an error, raised before anything
+    connects. Without --address the environment's address is used (and said so); with neither, DEFAULT_ADDRESS."""
+    name, value = next(((name, os.environ[name]) for name in ADDRESS_VARIABLES if os.environ.get(name)), (None, None))
+    if name is None:
+        return address or DEFAULT_ADDRESS
+    if address is None:
+        print(f"[dumo-ray] no --address given: using ${name}={value}", file=sys.stderr, flush=True)
+        return value
+    if address.strip().rstrip("/") != value.strip().rstrip("/"):
+        raise ValueError(f"--address is {address} but ${name} is {value}, and Ray would use ${name} instead: "
+                         f"`unset {name}`, or pass --address {value} if that is the cluster you mean")
+    return address
 
 
 def client(address: str | None = None):
@@ -120,24 +183,49 @@ def wait_for(job_client, job_id: str, follow_logs: bool = True, poll_s: float = 
     return status
 
 
-def submit(command: Sequence[str], *, address: str | None = None, wait: bool = True, submission_id: str | None = None,
-           pip: bool = False, entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
-           entrypoint_memory: int | None = None, env_vars: dict[str, str] | None = None,
-           python: str = "python") -> tuple[str, str | None]:
-    """Submits `dumo-ray <command>`; returns (submission id, final status or None with wait=False)."""
+def check_command(command: Sequence[str]) -> None:
     if not command:
         raise ValueError("nothing to submit: give a dumo-ray command after --, e.g. "
                          "dumo-ray submit -- train --config configs/quickstart.yaml")
     if command[0] in ("submit", "jobs"):
         raise ValueError(f"`{command[0]}` runs on your machine, not as a job")
+
+
+def dry_run(command: Sequence[str], *, address: str | None = None, pip: bool = False,
+            env_vars: dict[str, str] | None = None, python: str = "python") -> list[tuple[str, int]]:
+    """What `submit` would send, without connecting to anything: prints each file of the working_dir package
+    (relative path), their total size, the entrypoint and the job server; returns the (path, bytes) list.
+    The command may be left out, to see just the files."""
+    if command:
+        check_command(command)
     root = project_root()
-    job_client = client(address)
+    url = resolve_address(address)  # an address conflict fails the dry run as it would fail the submission
+    files = package_files(root, runtime_env(root, pip=pip, env_vars=env_vars)["excludes"])
+    for path, _ in files:
+        print(path)
+    total = sum(size for _, size in files)
+    print(f"[dumo-ray] dry run: {len(files)} files, {total:,} bytes ({total / 2**20:.1f} MiB) from {root} "
+          "would be uploaded as the job's working_dir")
+    what = f"run `{entrypoint(command, python)}`" if command else "submit"
+    print(f"[dumo-ray] dry run: would {what} on {url}; nothing was sent")
+    return files
+
+
+def submit(command: Sequence[str], *, address: str | None = None, wait: bool = True, submission_id: str | None = None,
+           pip: bool = False, entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
+           entrypoint_memory: int | None = None, env_vars: dict[str, str] | None = None,
+           python: str = "python") -> tuple[str, str | None]:
+    """Submits `dumo-ray <command>`; returns (submission id, final status or None with wait=False)."""
+    check_command(command)
+    root = project_root()
+    url = resolve_address(address)  # before connecting: an address the environment overrides is an error
+    job_client = client(url)
     submission_id = submission_id or f"dumo-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     job_id = job_client.submit_job(
         entrypoint=entrypoint(command, python), submission_id=submission_id, runtime_env=runtime_env(root, pip=pip, env_vars=env_vars),
         entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
         entrypoint_memory=entrypoint_memory, metadata={"dumo_ray.command": command[0]})
-    print(f"[dumo-ray] submitted {job_id} to {resolve_address(address)} (working_dir {root})", flush=True)
+    print(f"[dumo-ray] submitted {job_id} to {url} (working_dir {root})", flush=True)
     if not wait:
         print(f"[dumo-ray] follow it with: dumo-ray jobs logs {job_id} --follow; stop it with: dumo-ray jobs stop {job_id}")
         return job_id, None

@@ -17,7 +17,7 @@ from dumo_ray.eval.pixels import to_uint8
 from dumo_ray.export import is_export, load_export, load_export_info
 from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks, sample_plan
 from dumo_ray.models import build_model_from_config
-from dumo_ray.train.backend import is_checkpoint, load_checkpoint_info, read_ema
+from dumo_ray.train.backend import STATE_FILE, is_checkpoint, load_checkpoint_info, read_ema, read_state
 from dumo_ray.vae import LatentDecoder
 
 DEFAULT_CHUNK = 64
@@ -42,6 +42,26 @@ def load_model_info(checkpoint: str | Path) -> tuple[Config, LatentCodec | None]
         return load_checkpoint_info(checkpoint)
     raise FileNotFoundError(f"no checkpoint at {checkpoint}: expected an EMA export (model.safetensors + config.yaml) "
                             "or a training checkpoint directory (ema.safetensors + config.yaml)")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """What `dumo-ray sample --checkpoint` names, as the folder to load: an EMA export or a training checkpoint
+    directory as it is (the Ray launcher's `<run>/checkpoint_<time>/` or the local one's
+    `<run>/checkpoints/images_<N>/`); a run folder (`train.storage_path/train.name`, what `dumo-ray train`
+    prints at the end) by its newest complete checkpoint, else its export."""
+    path = Path(path)
+    if is_export(path) or is_checkpoint(path):
+        return path
+    if path.is_dir():
+        found = [c for c in [*path.glob("checkpoint_*"), *(path / "checkpoints").glob("images_*")]
+                 if is_checkpoint(c) and (c / STATE_FILE).is_file()]
+        if found:
+            return max(found, key=lambda c: (read_state(c)["images"], c.name))
+        if is_export(path / "export"):
+            return path / "export"
+    raise FileNotFoundError(f"no checkpoint at {path}: expected an EMA export (model.safetensors + config.yaml), "
+                            "a training checkpoint directory (ema.safetensors + config.yaml) or a run folder "
+                            "holding such checkpoints")
 
 
 def check_labels(labels: Sequence[int] | None, num_classes: int) -> list[int]:

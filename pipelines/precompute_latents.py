@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dumo_ray.data.images import DEFAULT_MAX_PIXELS, list_image_tree
+from dumo_ray.data.images import DEFAULT_MAX_PIXELS, list_image_tree, skip_summary
 from dumo_ray.data.codec import CODEC_FILE, LatentCodec
 from dumo_ray.data.latents import MANIFEST, SCHEMA_VERSION, channel_stats, shard_name
 from dumo_ray.data.precompute_stages import SIDECAR_SUFFIX, DecodeImages, EncodeLatents, write_shard
@@ -70,7 +70,8 @@ def precompute_latents(
     mode: str = "RGB",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
-    """Runs (or resumes) the precompute; returns the summary and writes `manifest.json`."""
+    """Runs (or resumes) the precompute; returns the summary and writes `manifest.json`. When no file decodes,
+    the manifest (with every skipped file and why) is still written, then ValueError names the reasons."""
     import ray
 
     if resolution < 1 or shard_size < 1 or batch_size < 1:
@@ -136,6 +137,9 @@ def precompute_latents(
     print(f"[dumo-ray] precompute done: read {len(todo):,} files, encoded {encoded:,}, skipped {summary['skipped']:,} "
           f"(all shards), rows {manifest['rows']:,} in {num_shards} shards, {summary['images_per_s']:.1f} images/s "
           f"-> {output / MANIFEST}", flush=True)
+    if not manifest["rows"]:  # nothing to train on: a failure, not a dataset of 0 rows
+        raise ValueError(f"no image under {source} could be decoded ({skip_summary(manifest['skipped'])}); "
+                         f"every skipped file and its reason is listed in {output / MANIFEST}")
     return summary
 
 

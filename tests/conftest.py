@@ -31,6 +31,31 @@ def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.
     return model
 
 
+def precompute_in_process(tree, output, resolution: int = 8, mode: str = "L"):
+    """A pixel-space latent folder (--vae none) written by the precompute's own stages and manifest writer,
+    in this process and one shard: for the tests that need a small folder without starting Ray."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from dumo_ray.data.images import list_image_tree
+    from dumo_ray.data.latents import shard_name
+    from dumo_ray.data.precompute_stages import DecodeImages, EncodeLatents, write_shard
+    from dumo_ray.pipelines.precompute_latents import _latent_geometry, write_manifest
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    records, classes = list_image_tree(tree)
+    geometry = _latent_geometry(None, resolution, mode)
+    batch = {"key": np.asarray([r.key for r in records], dtype=object), "label": np.asarray([r.label for r in records]),
+             "shard": np.zeros(len(records), dtype=np.int64)}
+    batch = EncodeLatents(None, False, tuple(geometry["latent_shape"]))(DecodeImages(str(tree), resolution, mode)(batch))
+    names = {0: shard_name(0, 1)}
+    write_shard(batch, str(output), names)
+    settings = {"source_root": str(Path(tree).resolve()), "resolution": resolution, "mode": mode, "flip": False}
+    return write_manifest(output, settings, geometry, classes, names)
+
+
 @pytest.fixture
 def micro_model():
     torch.manual_seed(0)

@@ -1,9 +1,15 @@
 """The cluster definitions in cluster/: Ray launcher configs validate against the schema that ships with
 Ray and describe 8-GPU pools with a loopback dashboard; the KubeRay manifests carry the fields the
-multi-node setup relies on; nothing exposes a port to the internet. Pure file checks: no Ray is started."""
+multi-node setup relies on; nothing exposes a port to the internet. Hardening: every pod and container runs
+non-root without capabilities, GCP workers have no external IP, every pip install is pinned, MLflow runs on
+PostgreSQL with basic auth and passwords only in Secrets, NetworkPolicies fence MLflow and its database.
+Pure file checks: no Ray is started."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,8 @@ def all_manifest_docs() -> list[tuple[str, dict[str, Any]]]:
 
 def test_the_expected_files_exist():
     assert {p.name for p in LAUNCHER_CONFIGS} >= {"aws.yaml", "gcp.yaml"}
-    assert {p.name for p in MANIFESTS} >= {"raycluster.yaml", "pvc-shared.yaml", "mlflow.yaml", *RAYJOBS}
+    assert {p.name for p in MANIFESTS} >= {"raycluster.yaml", "pvc-shared.yaml", "mlflow.yaml",
+                                           "mlflow-postgres.yaml", *RAYJOBS}
     assert (CLUSTER / "README.md").is_file()
 
 
@@ -237,22 +244,133 @@ def test_shared_pvc_is_read_write_many():
     assert pvcs[0]["spec"]["accessModes"] == ["ReadWriteMany"], "every node mounts it: ReadWriteMany"
 
 
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", []) or []}
+
+
+def _secret_ref(env: dict[str, Any]) -> tuple[str, str]:
+    ref = env.get("valueFrom", {}).get("secretKeyRef")
+    assert ref and "value" not in env, f"{env['name']} must come from a Secret (valueFrom.secretKeyRef), got {env}"
+    return ref["name"], ref["key"]
+
+
+def _mlflow_server() -> tuple[dict[str, Any], list[str]]:
+    """The MLflow Deployment's container and its `mlflow server` command line as shell words."""
+    deployment = _one(load_manifest(KUBERAY / "mlflow.yaml"), "Deployment", "mlflow")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(container.get("command", []) + container.get("args", []))
+    assert "exec mlflow server" in script, "the container should exec `mlflow server` (so it gets the signals)"
+    return container, shlex.split(script[script.index("mlflow server"):])
+
+
+def _option(words: list[str], flag: str) -> str:
+    assert flag in words, f"mlflow server needs {flag}"
+    return words[words.index(flag) + 1]
+
+
 def test_mlflow_server_manifest():
     docs = load_manifest(KUBERAY / "mlflow.yaml")
-    kinds = {d["kind"]: d for d in docs}
-    assert set(kinds) == {"Deployment", "Service"}, f"mlflow.yaml kinds: {sorted(kinds)}"
-    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    command = " ".join(container.get("command", []) + container.get("args", []))
-    assert "mlflow server" in command and "--port 5000" in command
-    assert "--serve-artifacts" in command and "--artifacts-destination /shared/mlflow-artifacts" in command
-    mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
-    assert "/shared" in mounts, "the MLflow store lives on the shared volume"
-    for env in container.get("env", []) or []:
-        assert "value" not in env or "postgres" not in str(env["value"]).lower(), "database URIs come from a Secret"
-    service = kinds["Service"]
-    assert service["metadata"]["name"] == "mlflow"
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "NetworkPolicy", "ConfigMap"}
+    container, words = _mlflow_server()
+    assert _option(words, "--port") == "5000"
+    assert _option(words, "--app-name") == "basic-auth", "the server must require a user and password"
+
+    # The store: PostgreSQL, never SQLite (several workers write at once; SQLite on NFS corrupts).
+    from sqlalchemy.engine import make_url
+
+    store = make_url(_option(words, "--backend-store-uri"))
+    assert store.get_backend_name() == "postgresql", f"backend store must be PostgreSQL, got {store}"
+    assert store.password is None, "no password in the store URI: libpq reads PGPASSWORD from the Secret"
+    # The driver SQLAlchemy picks for that URI (psycopg 3 for postgresql:// since SQLAlchemy 2.1) must be
+    # what the container installs, pinned.
+    driver = store.get_dialect().driver
+    distribution = {"psycopg": "psycopg", "psycopg2": "psycopg2-binary"}[driver]
+    installs = [r for cmd in _pip_installs(" ".join(container.get("args", []))) for r in cmd.requirements]
+    assert distribution in {_requirement_name(r) for r in installs}, \
+        f"the server needs the {driver} driver: pip install {distribution} (installs: {installs})"
+    assert _secret_ref(_env(container)["PGPASSWORD"]) == ("mlflow-postgres", "password")
+
+    # Artifacts: proxied by the server into a bucket.
+    assert "--serve-artifacts" in words
+    assert re.match(r"(s3|gs)://", _option(words, "--artifacts-destination")), "artifacts go to a bucket"
+    assert "--default-artifact-root" not in words, "with --serve-artifacts the clients must not write the bucket"
+
+    # The auth app: admin and CSRF key from a Secret, its users in PostgreSQL too (a ConfigMap without secrets).
+    env = _env(container)
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert name in env, f"the basic-auth app needs {name}"
+        assert _secret_ref(env[name])[0] == "mlflow-auth"
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    assert str(config_path.parent) in mounts, f"{config_path} is not on a mounted volume"
+    volumes = {v["name"]: v for v in _mlflow_volumes(docs)}
+    config_map = _one(docs, "ConfigMap", volumes[mounts[str(config_path.parent)]]["configMap"]["name"])
+    ini = config_map["data"][config_path.name]
+    auth_db = make_url(re.search(r"^database_uri\s*=\s*(\S+)", ini, re.M).group(1))
+    assert auth_db.get_backend_name() == "postgresql" and auth_db.password is None, f"auth database: {auth_db}"
+    assert not re.search(r"^\s*admin_password\s*=", ini, re.M), "the admin password belongs in the Secret"
+
+    service = _one(docs, "Service", "mlflow")
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert [p["port"] for p in service["spec"]["ports"]] == [5000]
+
+
+def _mlflow_volumes(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return _one(docs, "Deployment", "mlflow")["spec"]["template"]["spec"].get("volumes", [])
+
+
+def test_postgres_for_mlflow_is_a_statefulset_with_its_own_volume():
+    docs = load_manifest(KUBERAY / "mlflow-postgres.yaml")
+    statefulset = _one(docs, "StatefulSet")
+    spec = statefulset["spec"]
+    assert spec.get("replicas", 1) == 1
+    claims = {c["metadata"]["name"]: c for c in spec.get("volumeClaimTemplates", [])}
+    assert claims, "PostgreSQL needs a PersistentVolumeClaim of its own (volumeClaimTemplates)"
+    (container,) = spec["template"]["spec"]["containers"]
+    assert re.match(r"postgres:\d+\.\d+", container["image"]), f"pin a PostgreSQL release, got {container['image']}"
+    env = _env(container)
+    data_mounts = [m for m in container["volumeMounts"] if m["name"] in claims]
+    assert data_mounts, "the claim must be mounted"
+    assert env["PGDATA"]["value"].startswith(data_mounts[0]["mountPath"] + "/"), "PGDATA must live on the claim"
+    for claim in claims.values():
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        assert claim["spec"]["resources"]["requests"]["storage"]
+
+    # The server connects where this file serves, as the user and to the database it creates, with the
+    # password from the same Secret.
+    from sqlalchemy.engine import make_url
+
+    mlflow_container, words = _mlflow_server()
+    store = make_url(_option(words, "--backend-store-uri"))
+    service = _one(docs, "Service", spec["serviceName"])
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert _selects(service["spec"]["selector"], spec["template"]["metadata"]["labels"])
+    assert [p["port"] for p in service["spec"]["ports"]] == [5432]
+    assert (store.host, store.port) == (service["metadata"]["name"], 5432), \
+        f"the store URI {store} must name the Service {service['metadata']['name']}:5432"
+    assert store.username == env["POSTGRES_USER"]["value"] and store.database == env["POSTGRES_DB"]["value"]
+    assert _secret_ref(env["POSTGRES_PASSWORD"]) == _secret_ref(_env(mlflow_container)["PGPASSWORD"])
+    # The auth app's database is created by the init script.
+    init_sql = " ".join(" ".join(d["data"].values()) for d in docs if d["kind"] == "ConfigMap")
+    assert re.search(r"CREATE DATABASE mlflow_auth", init_sql), "create the auth database (mlflow_auth)"
+
+
+def test_ray_pods_that_log_to_mlflow_have_its_credentials():
+    for filename in ("raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml"):
+        for doc in load_manifest(KUBERAY / filename):
+            for where, template in _pod_templates(filename, doc):
+                if "submitter" in where:
+                    continue
+                for container in _containers(template):
+                    refs = [e.get("secretRef", {}).get("name") for e in container.get("envFrom", []) or []]
+                    assert "mlflow-client" in refs, \
+                        f"{where}: {container['name']} needs envFrom secretRef mlflow-client (MLflow requires auth)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,3 +399,252 @@ def test_nothing_under_cluster_opens_to_the_internet():
         text = path.read_text()
         assert "0.0.0.0/0" not in text, f"{path.relative_to(ROOT)} mentions 0.0.0.0/0"
         assert "::/0" not in text, f"{path.relative_to(ROOT)} mentions ::/0"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hardening: pod security, no public worker IPs, pinned installs, no literal passwords, NetworkPolicies
+
+RAY_UID = 1000  # rayproject/ray's (and so the dumo-ray image's) `ray` user
+IMAGE_UIDS = {"dumo-ray": RAY_UID, "rayproject/ray": RAY_UID, "postgres:": 999}  # Debian postgres image: uid 999
+CONSTRAINTS = ROOT / "constraints" / "ci.txt"
+
+
+def _pod_templates(filename: str, doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every pod template in a manifest document, named: Ray head and worker groups, the RayJob submitter,
+    Deployments / StatefulSets / Jobs, bare Pods."""
+    kind, spec = doc["kind"], doc.get("spec", {})
+    where = f"{filename} {kind} {doc['metadata']['name']}"
+    if kind in ("RayCluster", "RayJob"):
+        cluster = spec["rayClusterSpec"] if kind == "RayJob" else spec
+        found = [(f"{where} head", cluster["headGroupSpec"]["template"])]
+        found += [(f"{where} group {g['groupName']}", g["template"]) for g in cluster.get("workerGroupSpecs", [])]
+        if kind == "RayJob":
+            # Without a template of its own the operator's default submitter pod has no securityContext.
+            assert spec.get("submitterPodTemplate"), f"{where}: set submitterPodTemplate (with a securityContext)"
+            found.append((f"{where} submitter", spec["submitterPodTemplate"]))
+        return found
+    if kind == "Pod":
+        return [(where, doc)]
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        return [(where, spec["template"])]
+    if kind == "CronJob":
+        return [(where, spec["jobTemplate"]["spec"]["template"])]
+    return []
+
+
+def _all_pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    return [t for filename, doc in all_manifest_docs() for t in _pod_templates(filename, doc)]
+
+
+def _check_container_security(where: str, context: dict[str, Any] | None) -> None:
+    context = context or {}
+    assert context.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation must be false"
+    assert "ALL" in (context.get("capabilities", {}).get("drop") or []), f"{where}: capabilities must drop ALL"
+    assert not context.get("capabilities", {}).get("add"), f"{where}: no capabilities added"
+    assert context.get("privileged") is not True, f"{where}: never privileged"
+    assert context.get("runAsNonRoot") is not False and context.get("runAsUser") != 0, f"{where}: never root"
+
+
+def test_every_pod_and_container_runs_unprivileged():
+    templates = _all_pod_templates()
+    assert len(templates) >= 14, f"only {len(templates)} pod templates found: is a manifest missing?"
+    for where, template in templates:
+        pod = template["spec"].get("securityContext") or {}
+        assert pod.get("runAsNonRoot") is True, f"{where}: pod securityContext.runAsNonRoot must be true"
+        for container in _containers(template) + template["spec"].get("initContainers", []):
+            name = f"{where} container {container['name']}"
+            _check_container_security(name, container.get("securityContext"))
+            # The images name their user; the kubelet can only verify runAsNonRoot against a number.
+            uid = (container.get("securityContext") or {}).get("runAsUser", pod.get("runAsUser"))
+            assert isinstance(uid, int) and uid > 0, f"{name}: set a numeric non-root runAsUser, got {uid!r}"
+            expected = [u for key, u in IMAGE_UIDS.items() if key in container["image"]]
+            assert expected, f"{name}: which uid does {container['image']} run as? add it to IMAGE_UIDS"
+            assert uid == expected[0], f"{name}: {container['image']} runs as uid {expected[0]}, not {uid}"
+
+
+def test_kuberay_sidecars_are_unprivileged_too():
+    for filename, doc in all_manifest_docs():
+        if doc["kind"] not in ("RayCluster", "RayJob"):
+            continue
+        spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+        if spec.get("enableInTreeAutoscaling"):
+            # The operator adds the autoscaler container to the head pod; its securityContext comes from here.
+            _check_container_security(f"{filename} autoscaler sidecar",
+                                      spec.get("autoscalerOptions", {}).get("securityContext"))
+
+
+def test_gcp_workers_have_no_external_ip():
+    config = yaml.safe_load((CLUSTER / "gcp.yaml").read_text())
+    head = config["head_node_type"]
+    workers = {name: t for name, t in config["available_node_types"].items() if name != head}
+    assert workers
+    for name, node_type in workers.items():
+        # Ray adds a default interface WITH an external IP to a node type that names no networkInterfaces.
+        interfaces = node_type["node_config"].get("networkInterfaces")
+        assert interfaces, f"{name}: list networkInterfaces, or Ray adds one with an external IP"
+        for interface in interfaces:
+            assert not interface.get("accessConfigs"), f"{name}: accessConfigs gives the worker a public IP"
+
+
+@dataclasses.dataclass
+class PipInstall:
+    where: str
+    words: list[str]
+    constraints: list[str]
+    requirements: list[str]
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pip_installs(text: str, where: str = "") -> list[PipInstall]:
+    """Each `pip install ...` in a shell text, up to the end of its command (`&&`, `||`, `;`, a newline, or a
+    single quote that closes an argument the command sits in, as in `ray exec ... 'pip install ...'`)."""
+    found = []
+    for match in re.finditer(r"\bpip3? install\b", text):
+        rest = re.split(r"&&|\|\||;|\n|'", text[match.end():])[0]
+        words = shlex.split(rest)
+        constraints, requirements, i = [], [], 0
+        while i < len(words):
+            word = words[i]
+            if word in ("-c", "--constraint"):
+                constraints.append(words[i + 1]); i += 2; continue
+            if word.startswith("--constraint="):
+                constraints.append(word.split("=", 1)[1]); i += 1; continue
+            if word in ("-e", "--editable", "-r", "--requirement", "-t", "--target", "-i", "--index-url"):
+                i += 2; continue  # the editable checkout's own dependencies fall under the constraints
+            if not word.startswith("-") and not word.startswith(("/", ".")):
+                requirements.append(word)
+            i += 1
+        found.append(PipInstall(where, words, constraints, requirements))
+    return found
+
+
+def _strings(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return []
+
+
+def _cluster_pip_installs() -> list[PipInstall]:
+    installs = []
+    for path in [*LAUNCHER_CONFIGS, *MANIFESTS]:  # parsed: commented-out examples do not count
+        for doc in yaml.safe_load_all(path.read_text()):
+            for text in _strings(doc):
+                installs += _pip_installs(text, path.name)
+    readme = (CLUSTER / "README.md").read_text()
+    for block in re.findall(r"```(?:bash|sh|dockerfile)\n(.*?)```", readme, re.S):
+        code = "\n".join(line for line in block.replace("\\\n", " ").splitlines() if not line.lstrip().startswith("#"))
+        installs += _pip_installs(code, "README.md")
+    return installs
+
+
+def test_every_pip_install_on_a_cluster_is_pinned():
+    pinned = {_requirement_name(line.split("==")[0]) for line in CONSTRAINTS.read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    assert "boto3" in pinned, "the AWS head installs boto3: pin it in constraints/ci.txt"
+    installs = _cluster_pip_installs()
+    where = {i.where for i in installs}
+    assert {"aws.yaml", "gcp.yaml", "mlflow.yaml", "README.md"} <= where, f"pip installs found only in {where}"
+    for install in installs:
+        command = f"{install.where}: pip install {' '.join(install.words)}"
+        assert any(c.endswith("constraints/ci.txt") for c in install.constraints), \
+            f"{command}: install with -c .../constraints/ci.txt (the versions CI tested)"
+        for requirement in install.requirements:
+            assert "==" in requirement or _requirement_name(requirement) in pinned, \
+                f"{command}: {requirement} is pinned neither here (==) nor in constraints/ci.txt"
+
+
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|_KEY$|^PG(PASSWORD|PASSFILE)$", re.I)
+
+
+def test_no_manifest_holds_a_literal_password():
+    for where, template in _all_pod_templates():
+        for container in _containers(template) + template["spec"].get("initContainers", []):
+            for env in container.get("env", []) or []:
+                if SECRET_NAME.search(env["name"]):
+                    assert "value" not in env and env.get("valueFrom", {}).get("secretKeyRef"), \
+                        f"{where} {container['name']}: {env['name']} must come from a Secret, not a value"
+    for path in [p for p in CLUSTER.rglob("*") if p.is_file()]:
+        text = path.read_text()
+        # user:password@host in any URI (placeholders such as <db-user>@<host> carry no password)
+        assert not re.search(r"://[^\s/:@'\"]+:[^\s/@'\"<]+@", text), f"{path.name}: a password inside a URI"
+    for filename, doc in all_manifest_docs():
+        if doc["kind"] == "ConfigMap":
+            for key, value in doc.get("data", {}).items():
+                assert not re.search(r"^\s*[\w.-]*(password|secret)[\w.-]*\s*[=:]\s*\S", value, re.M | re.I), \
+                    f"{filename}: ConfigMap {doc['metadata']['name']}/{key} holds a secret; use a Secret"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels, or a plain map, plus matchExpressions)."""
+    match_labels = selector.get("matchLabels", {}) if ("matchLabels" in selector or "matchExpressions" in selector) \
+        else selector
+    if any(labels.get(k) != v for k, v in match_labels.items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[operator]
+        if not ok:
+            return False
+    return True
+
+
+def _pod_labels() -> dict[str, dict[str, str]]:
+    """The labels each pod will carry: its template's, plus the ones KubeRay sets on Ray pods."""
+    pods = {}
+    for filename, doc in all_manifest_docs():
+        for where, template in _pod_templates(filename, doc):
+            labels = dict(template.get("metadata", {}).get("labels", {}))
+            if doc["kind"] in ("RayCluster", "RayJob") and "submitter" not in where:
+                labels.update({"ray.io/node-type": "head" if where.endswith("head") else "worker",
+                               "ray.io/cluster": doc["metadata"]["name"]})
+            pods[where] = labels
+    return pods
+
+
+def _ingress_sources(policy: dict[str, Any], port: int) -> list[dict[str, Any]]:
+    name, spec = policy["metadata"]["name"], policy["spec"]
+    assert "Ingress" in spec.get("policyTypes", []), f"{name}: policyTypes must include Ingress"
+    sources = []
+    for rule in spec.get("ingress", []):
+        assert [p.get("port") for p in rule.get("ports", [])] == [port], f"{name}: admit port {port} only"
+        assert rule.get("from"), f"{name}: a rule without `from` admits every pod and address"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"{name}: only pods of this namespace, got {peer}"
+            assert peer["podSelector"], f"{name}: an empty podSelector admits every pod"
+            sources.append(peer["podSelector"])
+    assert sources, f"{name}: no ingress rule"
+    return sources
+
+
+def _policy_for(pod_where: str, pods: dict[str, dict[str, str]]) -> dict[str, Any]:
+    policies = [doc for _, doc in all_manifest_docs() if doc["kind"] == "NetworkPolicy"
+                and _selects(doc["spec"]["podSelector"], pods[pod_where])]
+    assert len(policies) == 1, f"{pod_where}: expected one NetworkPolicy selecting it, found {len(policies)}"
+    return policies[0]
+
+
+def test_network_policies_fence_mlflow_and_postgres():
+    pods = _pod_labels()
+    [mlflow] = [w for w in pods if "Deployment mlflow" in w]
+    [postgres] = [w for w in pods if "StatefulSet mlflow-postgres" in w]
+    ray_pods = [w for w in pods if ("RayCluster" in w or "RayJob" in w) and "submitter" not in w]
+    # Ray pods that log to MLflow: the long-lived cluster and the jobs whose entrypoint sets tracking.uri.
+    logging = [w for w in ray_pods if "raycluster.yaml" in w or "rayjob-train" in w or "rayjob-tune" in w]
+    assert logging
+
+    sources = _ingress_sources(_policy_for(mlflow, pods), 5000)
+    admitted = {w for w in pods if any(_selects(s, pods[w]) for s in sources)}
+    assert set(logging) <= admitted, f"MLflow must admit the Ray pods that log to it: {set(logging) - admitted}"
+    assert admitted <= set(ray_pods), f"MLflow admits pods that are not Ray pods: {admitted - set(ray_pods)}"
+
+    sources = _ingress_sources(_policy_for(postgres, pods), 5432)
+    admitted = {w for w in pods if any(_selects(s, pods[w]) for s in sources)}
+    assert admitted == {mlflow}, f"PostgreSQL must admit the MLflow server only, admits {sorted(admitted)}"

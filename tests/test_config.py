@@ -82,7 +82,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
     ("tracking.enabled=1", "tracking.enabled must be true or false, got 1"),
     ("optim.lr=true", "optim.lr must be a number, got True"),
     ("train.name=7", "train.name must be a string, got 7"),
-    ("train.name=a/b", "train.name must be a plain name, got 'a/b'"),
+    ("train.name=a/b", "train.name must be a plain name (one folder inside train.storage_path: no '/' or '\\', "
+                       "not '.' or '..'), got 'a/b'"),
     ("train.sample_steps=[1, x]", "train.sample_steps[1] must be an integer, got 'x'"),
     ("train.sample_steps=2", "train.sample_steps must be a list, got 2"),
     ("eval.steps=[]", "eval.steps must not be empty, got []"),
@@ -223,3 +224,49 @@ def test_relative_paths_are_resolved_for_ray_workers(tmp_path, monkeypatch):
 def test_u_fraction_is_dumo_only():
     with pytest.raises(ValueError, match="objective.u_fraction applies to dumo only"):
         load_config(ROOT / "configs/digits_local.yaml", ["objective.name=meanflow", "objective.u_fraction=0.5"])
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../elsewhere", "/tmp/elsewhere", "runs\\..\\..", "", " "])
+def test_run_name_cannot_leave_storage_path(name, tmp_path, capsys):
+    """The run lives in storage_path/name: a name that is a parent, a path or absolute would put it (and the
+    checkpoints a rerun resumes from) elsewhere. Refused when the config loads, before any cluster resource."""
+    with pytest.raises(ConfigError, match=r"^train.name must be a plain name \(one folder inside train.storage_path"):
+        load_config(ROOT / "configs/digits_local.yaml", [f"train.name={name}"])
+    assert main(["train", "--config", str(ROOT / "configs/digits_local.yaml"), "--set", f"train.name={name}",
+                 "--set", f"train.storage_path={tmp_path}"]) == 2
+    assert "dumo-ray train: error: train.name must be a plain name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    # Dots inside a name are fine.
+    assert load_config(ROOT / "configs/digits_local.yaml", ["train.name=run..v2.1"]).train.name == "run..v2.1"
+
+
+BAD_FILES = {
+    # file bytes, the position PyYAML's mark gives (1-based), what is wrong
+    "unclosed.yaml": (b"model:\n  preset: [DuMo-Tiny/2\n", "line 3, column 1",
+                      "expected ',' or ']', but got '<stream end>' (while parsing a flow sequence at line 2, column 11)"),
+    "indent.yaml": (b"optim:\n  lr: 1e-3\n batch_size: 8\n", "line 3, column 2", "expected <block end>, but found"),
+    "colon.yaml": (b"model:\n  preset: DuMo: Tiny\n", "line 2, column 15", "mapping values are not allowed here"),
+    "nul.yaml": (b"model:\n\x00\n", "line 2, column 1", "unacceptable character #x0000"),
+    "binary.yaml": (b"model:\n  pr\xb5\xff\x00\x01", "line 2, column 5", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_malformed_or_binary_config_file_is_one_line_naming_file_and_position(name, tmp_path, capsys):
+    """Not PyYAML's traceback nor a bare UTF-8 decode error: one ConfigError naming the file and the line
+    and column, and `dumo-ray train` exits 2 with that one line on stderr."""
+    data, where, what = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    kind = "is not UTF-8 text (byte 0xb5 at" if what is None else "is not valid YAML:"
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"config file {path} {kind}") and where in message and "\n" not in message
+    assert what is None or what in message
+    assert main(["train", "--config", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.err == f"dumo-ray train: error: {message}\n" and out.out == ""
+    # A bad --set value is the same kind of one line.
+    with pytest.raises(ConfigError, match=r"^override 'optim.lr=\[1,': the value is not valid YAML: line 1, column 4"):
+        load_config(ROOT / "configs/digits_local.yaml", ["optim.lr=[1,"])

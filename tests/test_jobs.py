@@ -74,3 +74,79 @@ def test_submit_errors_are_clear(capsys):
     assert "cannot reach the Ray job server at http://127.0.0.1:9" in capsys.readouterr().err
     assert main(["submit", "--address", "http://127.0.0.1:9"]) == 2
     assert "nothing to submit" in capsys.readouterr().err
+
+
+def fake_checkout(folder: Path) -> Path:
+    """A checkout as a user's may look: code, plus secrets and a file its .rayignore names."""
+    files = {
+        "pyproject.toml": '[project]\nname = "dumo-ray"\ndependencies = []\n',
+        "dumo_ray/__init__.py": "", "dumo_ray/tokenizer.py": "# code whose name holds 'token'\n",
+        "dumo_ray/data/latents.py": "", "configs/quickstart.yaml": "model: {}\n", "README.md": "# x\n",
+        ".env": "HF_TOKEN=x\n", ".env.local": "X=1\n", ".netrc": "machine h login u password p\n",
+        "key.pem": "-----BEGIN PRIVATE KEY-----\n", "deploy/id_ed25519": "k", "secrets/x": "s",
+        "gcp-sa.json": "{}", ".aws/credentials": "[default]\n", "auth_token": "t", "cluster/aws.local.yaml": "a: 1\n",
+        ".rayignore": "# mine\nnotes/scratch.txt\n!key.pem\n", "notes/scratch.txt": "private notes",
+        "notes/keep.md": "kept",
+    }
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+CODE = {"pyproject.toml", "dumo_ray/__init__.py", "dumo_ray/tokenizer.py", "dumo_ray/data/latents.py",
+        "configs/quickstart.yaml", "README.md", ".rayignore", "notes/keep.md"}
+WITHHELD = {".env", ".env.local", ".netrc", "key.pem", "deploy/id_ed25519", "secrets/x", "gcp-sa.json",
+            ".aws/credentials", "auth_token", "cluster/aws.local.yaml", "notes/scratch.txt"}
+
+
+def test_submit_dry_run_lists_the_code_and_withholds_secrets(tmp_path, monkeypatch, capsys):
+    import dumo_ray.jobs
+
+    root = fake_checkout(tmp_path)
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dumo_ray.jobs, "client", lambda *a, **k: pytest.fail("a dry run must not connect"))
+    monkeypatch.chdir(root)  # the checkout to ship is the one we are in
+    train = ["train", "--config", "configs/quickstart.yaml"]
+    assert main(["submit", "--dry-run", "--address", "http://127.0.0.1:9", "--", *train]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    listed = {line for line in printed if not line.startswith("[dumo-ray]")}
+    assert listed == CODE  # every code file, no secret, not the .rayignore'd file (its `!key.pem` is ignored)
+    total = sum((root / name).stat().st_size for name in CODE)
+    assert f"{len(CODE)} files, {total:,} bytes" in printed[-2] and "nothing was sent" in printed[-1]
+    assert "python -m dumo_ray.cli train --config configs/quickstart.yaml" in printed[-1]
+
+    # The same list is what the job's runtime_env excludes leave, matched as Ray matches them.
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    excludes = PathSpec.from_lines("gitwildmatch", runtime_env(root)["excludes"])
+    assert not any(excludes.match_file(name) for name in CODE)
+    assert all(excludes.match_file(name) for name in WITHHELD)
+
+
+@pytest.mark.parametrize("variable", ["RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"])
+def test_submit_refuses_an_address_the_environment_overrides(variable, tmp_path, monkeypatch, capsys):
+    import ray.job_submission
+
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    connections = []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient",
+                        lambda *a, **k: connections.append(a) or pytest.fail("connected despite the conflict"))
+    monkeypatch.setenv(variable, "http://10.1.2.3:8265")
+    monkeypatch.chdir(fake_checkout(tmp_path))
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "train", "--config", "x.yaml"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "http://127.0.0.1:9" in error and "http://10.1.2.3:8265" in error
+    assert f"unset {variable}" in error and "--address http://10.1.2.3:8265" in error
+    assert connections == []
+    assert main(["jobs", "list", "--address", "http://127.0.0.1:9"]) == 2  # the same rule for `jobs`
+    assert "unset" in capsys.readouterr().err and connections == []
+
+    # The same address in both is no conflict; the environment's alone is used, and said so.
+    assert main(["submit", "--dry-run", "--address", "http://10.1.2.3:8265/", "--", "train"]) == 0
+    assert "on http://10.1.2.3:8265/" in capsys.readouterr().out
+    assert main(["submit", "--dry-run", "--", "train"]) == 0
+    captured = capsys.readouterr()
+    assert "on http://10.1.2.3:8265;" in captured.out and f"using ${variable}=http://10.1.2.3:8265" in captured.err

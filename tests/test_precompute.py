@@ -223,3 +223,22 @@ def test_unknown_schema_is_a_clear_error(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"schema_version": 3}))
     with pytest.raises(ValueError, match="schema version 3, this dumo-ray reads 1 and 2"):
         load_manifest(tmp_path)
+
+
+def test_verify_latents_of_an_empty_folder_is_a_clear_problem(tmp_path, capsys):
+    """A folder of 0 rows (every file skipped) is reported as such, with the skip reasons, and exits 1; it used
+    to crash on reshaping an empty array."""
+    from conftest import precompute_in_process
+    from dumo_ray.cli import main
+
+    out = tmp_path / "latents"
+    manifest = precompute_in_process(undecodable_tree(tmp_path / "tree"), out)  # the precompute's own writers
+    assert manifest["rows"] == 0 and len(manifest["shards"]) == 1
+    report = verify_latents(out, preview=tmp_path / "preview.png")
+    problem = ("the folder holds no latents (0 rows): every file was skipped (3 files skipped: 2 x cannot decode: "
+               "UnidentifiedImageError: cannot identify image file (e.g. a/notes.png), 1 x empty file (e.g. b/empty.png))")
+    assert report == {"problems": [problem], "rows": 0, "shards": 1, "preview": None}
+    assert not (tmp_path / "preview.png").exists()
+    assert main(["verify-latents", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert f"problem: {problem}" in printed and "0 rows, 1 problems; preview none (no rows)" in printed

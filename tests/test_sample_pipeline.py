@@ -95,3 +95,84 @@ def test_bf16_sampling_is_close_to_fp32_and_reproducible(pixel_export, tmp_path)
         assert np.abs(fp32 - bf16).mean() < 0.5 and np.abs(fp32 - bf16).max() <= 4  # of 255 (measured 0.04, 1)
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         sample_to_file(pixel_export, tmp_path / "x.npz", num=2, steps=1, precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A run of the single-process launcher (no Ray): 2 steps of a tiny model on 40 digits, checkpointed by the
+    project's own code. Returns the run folder (storage_path/name)."""
+    from conftest import precompute_in_process
+    from dumo_ray.data.digits import write_digits_tree
+    from dumo_ray.train.launch import train_local
+
+    root = tmp_path_factory.mktemp("local-run")
+    write_digits_tree(root / "tree", limit=40)
+    precompute_in_process(root / "tree", root / "latents")
+    cfg = load_config(ROOT / "configs/digits_local.yaml", [
+        f"data.path={root / 'latents'}", "model.preset=DuMo-Micro/2", "optim.batch_size=8", "train.total_images=16",
+        "train.log_every_images=8", "train.checkpoint_every_images=16", "train.num_sample_images=4",
+        "eval.features=none", "eval.every_images=0", "tracking.enabled=false", f"train.storage_path={root}",
+        "train.name=run"])
+    train_local(cfg)
+    return root / "run"
+
+
+def sample_with_cli(checkpoint, out) -> np.ndarray:
+    from dumo_ray.cli import main
+
+    assert main(["sample", "--checkpoint", str(checkpoint), "--steps", "2", "--num", "6", "--chunk", "4",
+                 "--out", str(out)]) == 0
+    with np.load(out) as data:
+        return data["arr_0"]
+
+
+def test_sample_reads_a_training_checkpoint_folder_with_its_ema_weights(local_run, tmp_path):
+    """`--checkpoint` takes a training checkpoint directory (ema.safetensors, state.json, config.yaml,
+    latents.json + the engine's state) as well as an export, and samples its EMA weights: the last
+    checkpoint holds the same EMA weights as the run's final export, so they draw the same images."""
+    from dumo_ray.train.checkpoint import checkpoint_dirs
+
+    (checkpoint,) = checkpoint_dirs(local_run)
+    assert {"ema.safetensors", "state.json", "config.yaml", "latents.json"} <= {p.name for p in checkpoint.iterdir()}
+    from_checkpoint = sample_with_cli(checkpoint, tmp_path / "checkpoint.npz")
+    assert from_checkpoint.shape == (6, 8, 8, 1) and from_checkpoint.std() > 0
+    assert np.array_equal(from_checkpoint, sample_with_cli(local_run / "export", tmp_path / "export.npz"))
+
+
+def test_sample_from_a_run_folder_takes_its_newest_checkpoint_of_either_launcher(local_run, tmp_path, capsys):
+    """The folder `dumo-ray train` prints at the end (storage_path/name) is accepted too: its newest complete
+    checkpoint, whether the local launcher's checkpoints/images_<N>/ or the Ray launcher's checkpoint_<time>/."""
+    import shutil
+
+    import torch
+
+    from dumo_ray.data.codec import LatentCodec
+    from dumo_ray.train.backend import load_checkpoint_info, read_ema, read_state, write_common_files
+    from dumo_ray.train.checkpoint import checkpoint_dirs
+
+    run = tmp_path / "run"
+    shutil.copytree(local_run, run)
+    (local,) = checkpoint_dirs(run)
+    local_images = sample_with_cli(local, tmp_path / "local.npz")
+    assert np.array_equal(sample_with_cli(run, tmp_path / "run.npz"), local_images)
+    assert f"sampling from {local}" in capsys.readouterr().out
+
+    # A later checkpoint in the Ray launcher's layout (its common files are written by the same function; Ray
+    # Train names the folder by time), holding other EMA weights: the run folder now samples those.
+    cfg, codec = load_checkpoint_info(local)
+    ema = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+           for k, v in read_ema(local).items()}
+    ray_layout = run / "checkpoint_2026-01-01_00-00-00.000000"
+    ray_layout.mkdir()
+    write_common_files(ray_layout, ema_state=ema, state={**read_state(local), "images": 32, "step": 4}, cfg=cfg,
+                       codec=codec)
+    newest = sample_with_cli(run, tmp_path / "newest.npz")
+    assert f"sampling from {ray_layout}" in capsys.readouterr().out
+    assert not np.array_equal(newest, local_images)
+    assert np.array_equal(newest, sample_with_cli(ray_layout, tmp_path / "ray.npz"))
+
+    # A folder that holds none of these is refused with one line saying what is expected.
+    from dumo_ray.cli import main
+
+    assert main(["sample", "--checkpoint", str(tmp_path), "--num", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "expected an EMA export (model.safetensors + config.yaml), a training checkpoint directory" in capsys.readouterr().err

@@ -6,6 +6,7 @@ in the manifest's list of skipped files.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +91,16 @@ def load_image(path: str | Path, resolution: int, mode: str = "RGB",
         return None, f"cannot decode: {type(err).__name__}: {err}"
     array = np.asarray(cropped, dtype=np.uint8)
     return (array[..., None] if array.ndim == 2 else array), None
+
+
+def skip_summary(skipped: list[dict[str, str]], reasons: int = 3) -> str:
+    """A manifest's skipped files in one line, the most common reasons first:
+    `N files skipped: <count> x <reason> (e.g. <key>), ...`."""
+    by_reason: dict[str, list[str]] = {}
+    for record in skipped:
+        # A decoder's message quotes the file's path: grouped without it.
+        by_reason.setdefault(re.sub(r"\s*'[^']*'", "", record["reason"]), []).append(record["key"])
+    common = sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))
+    text = ", ".join(f"{len(keys)} x {reason} (e.g. {keys[0]})" for reason, keys in common[:reasons])
+    more = f", and {len(common) - reasons} other reasons" if len(common) > reasons else ""
+    return f"{len(skipped)} file{'s' if len(skipped) != 1 else ''} skipped: {text}{more}"

@@ -27,7 +27,8 @@ import torch
 
 from dumo_ray.config import DataConfig
 from dumo_ray.data.codec import LatentCodec
-from dumo_ray.data.latents import load_manifest, moments_array, sample_normalized
+from dumo_ray.errors import DataError
+from dumo_ray.data.latents import load_manifest, moments_array, read_training_table, sample_normalized
 from dumo_ray.seeding import derive_seed, generator
 from dumo_ray.data.batch_plan import BatchPlan
 
@@ -35,11 +36,14 @@ from dumo_ray.data.batch_plan import BatchPlan
 CACHE_LIMIT_BYTES = 2 * 2**30
 
 
-def _training_rows(batch: pa.Table, shape: tuple[int, ...], drop_flipped: bool) -> pa.Table:
-    """Runs inside the read tasks: optionally drops the mirrored rows, and turns the moments column into
-    Ray's tensor type so that batches arrive as (N, *shape) tensors."""
+def _read_training_shards(paths: pa.Table, shape: tuple[int, ...], drop_flipped: bool) -> pa.Table:
+    """Runs inside the read tasks, one shard at a time: reads it with its page checksums verified and its
+    moments checked (a corrupt shard raises, naming the file), optionally drops the mirrored rows, and
+    turns the moments column into Ray's tensor type so that batches arrive as (N, *shape) tensors."""
     from ray.data.extensions import ArrowTensorArray
 
+    tables = [read_training_table(path, ["label", "flip", "moments"]) for path in paths.column("path").to_pylist()]
+    batch = pa.concat_tables(tables)
     if drop_flipped:
         batch = batch.filter(pc.invert(batch.column("flip")))
     index = batch.schema.get_field_index("moments")
@@ -56,8 +60,11 @@ def latent_dataset(cfg: DataConfig):
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     files = shard_files(cfg, manifest)
     drop_flipped = not cfg.use_flips and manifest["flip"]
-    ds = ray.data.read_parquet(files, columns=["label", "flip", "moments"]).map_batches(
-        _training_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+    # A dataset of shard paths, each read by our own reader: ray.data.read_parquet cannot verify Parquet
+    # page checksums (its scanner replaces the scan options that ask for it; ray 2.60), and a shard of the
+    # right size with flipped bytes must stop the run, not train it.
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        _read_training_shards, batch_format="pyarrow", batch_size=1,
         fn_kwargs=dict(shape=tuple(manifest["moments_shape"]), drop_flipped=drop_flipped))
     rows = manifest["images"] if drop_flipped else manifest["rows"]
     size = rows * int(np.prod(manifest["moments_shape"])) * 2  # float16 moments
@@ -75,14 +82,12 @@ def shard_files(cfg: DataConfig, manifest: dict[str, Any]) -> list[str]:
 def read_latents(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """The whole folder in this process with pyarrow, no Ray: (moments (N, 2, C, h, w) float16, labels (N,),
     manifest), rows in the manifest's file order: the rows a cached Ray dataset holds, in the same order."""
-    import pyarrow.parquet as pq
-
     manifest = load_manifest(cfg.path)
     shape = tuple(manifest["moments_shape"])
     drop_flipped = not cfg.use_flips and manifest["flip"]
     moments, labels = [], []
     for file in shard_files(cfg, manifest):
-        table = pq.read_table(file, columns=["label", "flip", "moments"])
+        table = read_training_table(file, ["label", "flip", "moments"])
         if drop_flipped:
             table = table.filter(pc.invert(table.column("flip")))
         moments.append(torch.from_numpy(moments_array(table.column("moments"), shape)))
@@ -105,7 +110,7 @@ class LatentBatches:
         else:  # every worker streams an equal part of the rows and stops with the one that has the largest share
             self.steps_per_epoch = (rows // plan.world_size) // plan.share(0)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{rows} rows cannot fill one global batch of {plan.global_batch} "
+            raise DataError(f"{rows} rows cannot fill one global batch of {plan.global_batch} "
                              f"over {plan.world_size} workers")
         self.mean = torch.tensor(codec.channel_mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(codec.channel_std, dtype=torch.float32, device=device)

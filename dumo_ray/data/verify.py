@@ -7,13 +7,15 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from dumo_ray.data.latents import COLUMNS, file_sha256, load_manifest, read_shard
+from dumo_ray.data.images import skip_summary
+from dumo_ray.data.latents import COLUMNS, CorruptShardError, file_sha256, load_manifest, read_shard
 
 
 def verify_latents(root: str | Path, *, preview: str | Path | None = None, preview_rows: int = 16,
                    vae: str | None = None) -> dict[str, Any]:
     """Schema, row counts, checksums, NaN/Inf and duplicate keys for every shard. Returns
-    {"problems": [...], "rows": N, "shards": K}; with `preview`, decodes the first rows to a PNG grid."""
+    {"problems": [...], "rows": N, "shards": K, "preview": path or None}; with `preview`, decodes the first rows
+    to a PNG grid (when there are rows). An empty folder is a problem, explained by its skipped files."""
     root = Path(root)
     manifest = load_manifest(root)
     problems: list[str] = []
@@ -32,14 +34,18 @@ def verify_latents(root: str | Path, *, preview: str | Path | None = None, previ
         if sorted(names) != sorted(COLUMNS):
             problems.append(f"{shard['file']}: columns {names}, expected {list(COLUMNS)}")
             continue
-        data = read_shard(path)
+        try:
+            data = read_shard(path)
+        except CorruptShardError as error:  # page checksums or NaN / Inf moments
+            problems.append(f"{shard['file']}: {error}")
+            continue
         n = len(data["key"])
         rows += n
         if n != shard["rows"]:
             problems.append(f"{shard['file']}: {n} rows, manifest says {shard['rows']}")
         if list(data["moments"].shape[1:]) != manifest["moments_shape"]:
             problems.append(f"{shard['file']}: moments shape {list(data['moments'].shape[1:])}, manifest says {manifest['moments_shape']}")
-        bad = ~np.isfinite(data["moments"].reshape(n, -1)).all(axis=1)
+        bad = ~np.isfinite(data["moments"].reshape(n, -1)).all(axis=1) if n else np.zeros(0, dtype=bool)
         if bad.any():
             problems.append(f"{shard['file']}: {int(bad.sum())} rows with NaN/Inf, e.g. {data['key'][int(np.flatnonzero(bad)[0])]}")
         labels = data["label"]
@@ -53,9 +59,18 @@ def verify_latents(root: str | Path, *, preview: str | Path | None = None, previ
             first = data["moments"][:preview_rows]
     if rows != manifest["rows"]:
         problems.append(f"{rows} rows in the shards, manifest says {manifest['rows']}")
-    if preview is not None and first is not None:
-        write_preview(first, manifest, preview, vae)
-    return {"problems": problems, "rows": rows, "shards": len(manifest["shards"])}
+    if rows == 0 and not manifest["rows"]:
+        problems.append(no_rows_problem(manifest))
+    written = write_preview(first, manifest, preview, vae) if preview is not None and first is not None else None
+    return {"problems": problems, "rows": rows, "shards": len(manifest["shards"]), "preview": written}
+
+
+def no_rows_problem(manifest: dict[str, Any]) -> str:
+    """An empty latent folder, explained by the files the precompute skipped (and why)."""
+    skipped = manifest.get("skipped", [])
+    if not skipped:
+        return "the folder holds no latents (0 rows)"
+    return f"the folder holds no latents (0 rows): every file was skipped ({skip_summary(skipped)})"
 
 
 def write_preview(moments: np.ndarray, manifest: dict[str, Any], path: str | Path, vae: str | None) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dumo_ray.config import Config, ConfigError, save_config
+from dumo_ray.errors import DeterministicError
 from dumo_ray.data.codec import LatentCodec
 from dumo_ray.data.loader import LatentBatches, latent_dataset, read_latents
 from dumo_ray.eval.in_training import check_eval_inputs
@@ -71,6 +72,22 @@ def train_local(cfg: Config) -> dict[str, Any]:
                                   shuffle_buffer=0, codec=codec, device=backend.device, start_step=step, in_memory=True))
 
     return training_loop(cfg, backend, codec, batches_from)
+
+
+def deterministic_cause(error: BaseException | None) -> DeterministicError | None:
+    """The DeterministicError inside whatever Ray wrapped it in (a worker group's errors, a task error, a
+    controller error, exception chains), or None."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DeterministicError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                  *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
 
 
 def fit(cfg: Config, callbacks: list | None = None):

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dumo_ray.console import say
+from dumo_ray.errors import DeterministicError
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DeterministicError, RuntimeError):
     """Too many consecutive steps had a NaN/Inf loss or gradient."""
 
 
