@@ -176,8 +176,8 @@ def run_train(args: argparse.Namespace) -> int:
         cause = deterministic_cause(error) or error
         message = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         print(f"dumo-ray train: error: {message}", file=sys.stderr)
-        print(f"dumo-ray train: the full traceback is above and in Ray's logs ({ray_log_folder()}); the run's "
-              f"folder: {cfg.run_dir}", file=sys.stderr)
+        logs = "" if cfg.distributed.launcher == "local" else f" and in Ray's logs ({ray_log_folder()})"
+        print(f"dumo-ray train: the full traceback is above{logs}; the run's folder: {cfg.run_dir}", file=sys.stderr)
         return 2 if isinstance(cause, ConfigError) else 1
     print(f"[dumo-ray] run finished: {result.path}")
     return 0
@@ -188,7 +188,7 @@ def ray_log_folder() -> str:
         import ray
 
         return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
-    except Exception:  # no Ray started (the local launcher), or its internals moved
+    except Exception:  # Ray already shut down, or its internals moved
         return "/tmp/ray/session_latest/logs"
 
 

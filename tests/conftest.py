@@ -31,6 +31,16 @@ def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.
     return model
 
 
+def undecodable_tree(root):
+    """Two classes of files that are no images: text renamed .png, an empty file, a truncated PNG."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a/notes.png").write_text("not an image")
+    (root / "a/other.png").write_text("not one either")
+    (root / "b/empty.png").write_bytes(b"")
+    return root
+
+
 def precompute_in_process(tree, output, resolution: int = 8, mode: str = "L"):
     """A pixel-space latent folder (--vae none) written by the precompute's own stages and manifest writer,
     in this process and one shard: for the tests that need a small folder without starting Ray."""

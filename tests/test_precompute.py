@@ -228,7 +228,7 @@ def test_unknown_schema_is_a_clear_error(tmp_path):
 def test_verify_latents_of_an_empty_folder_is_a_clear_problem(tmp_path, capsys):
     """A folder of 0 rows (every file skipped) is reported as such, with the skip reasons, and exits 1; it used
     to crash on reshaping an empty array."""
-    from conftest import precompute_in_process
+    from conftest import precompute_in_process, undecodable_tree
     from dumo_ray.cli import main
 
     out = tmp_path / "latents"

@@ -7,21 +7,12 @@ from dumo_ray.data.latents import load_manifest
 import pytest
 
 
-def undecodable_tree(root):
-    """Two classes of files that are no images: text renamed .png, an empty file, a truncated PNG."""
-    (root / "a").mkdir(parents=True)
-    (root / "b").mkdir()
-    (root / "a/notes.png").write_text("not an image")
-    (root / "a/other.png").write_text("not one either")
-    (root / "b/empty.png").write_bytes(b"")
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_precompute_without_a_decodable_image_fails_naming_the_reasons(tmp_path, capsys):
     """A tree where nothing decodes is an error (exit 2, the skip reasons in one line), not a dataset of 0 rows;
     the manifest with every skipped file and its reason is still written."""
+    from conftest import undecodable_tree
     from dumo_ray.cli import main
 
     tree, out = undecodable_tree(tmp_path / "tree"), tmp_path / "latents"

@@ -97,7 +97,7 @@ def read_training_table(path: str | Path, columns: list[str] | None = None) -> p
     if "moments" in table.column_names:
         shape = json.loads(table.schema.metadata[SHAPE_KEY])
         moments = moments_array(table.column("moments"), shape)
-        bad = ~np.isfinite(moments.reshape(len(moments), -1)).all(axis=1)
+        bad = ~np.isfinite(moments).all(axis=tuple(range(1, moments.ndim)))  # per row; 0 rows is fine
         if bad.any():
             raise CorruptShardError(f"latent shard {path} has {int(bad.sum()):,} rows with NaN or Inf moments "
                                     f"(first: row {int(np.argmax(bad))}); check the folder with `dumo-ray "
