@@ -17,8 +17,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        if {"local_ray", "cluster", "digits_latents"} & set(item.fixturenames) and not item.get_closest_marker("ray"):
-            raise pytest.UsageError(f"{item.nodeid} starts Ray (local_ray, cluster or digits_latents): mark it with @pytest.mark.ray")
+        if {"local_ray", "cluster"} & set(item.fixturenames) and not item.get_closest_marker("ray"):
+            raise pytest.UsageError(f"{item.nodeid} starts Ray (local_ray or cluster): mark it with @pytest.mark.ray")
 
 
 def randomize(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
@@ -41,9 +41,12 @@ def undecodable_tree(root):
     return root
 
 
-def precompute_in_process(tree, output, resolution: int = 8, mode: str = "L"):
+def precompute_in_process(tree, output, resolution: int = 8, mode: str = "L", shard_size: int = 1000):
     """A pixel-space latent folder (--vae none) written by the precompute's own stages and manifest writer,
-    in this process and one shard: for the tests that need a small folder without starting Ray."""
+    in this process, shard k holding the same rows as the Ray Data pipeline puts there (sorted keys, fixed
+    shard size): for the tests that need a latent folder without starting Ray (the pipeline's own tests
+    check that its shard bytes do not depend on how the rows reach the writer)."""
+    import math
     from pathlib import Path
 
     import numpy as np
@@ -57,12 +60,16 @@ def precompute_in_process(tree, output, resolution: int = 8, mode: str = "L"):
     output.mkdir(parents=True, exist_ok=True)
     records, classes = list_image_tree(tree)
     geometry = _latent_geometry(None, resolution, mode)
-    batch = {"key": np.asarray([r.key for r in records], dtype=object), "label": np.asarray([r.label for r in records]),
-             "shard": np.zeros(len(records), dtype=np.int64)}
-    batch = EncodeLatents(None, False, tuple(geometry["latent_shape"]))(DecodeImages(str(tree), resolution, mode)(batch))
-    names = {0: shard_name(0, 1)}
-    write_shard(batch, str(output), names)
-    settings = {"source_root": str(Path(tree).resolve()), "resolution": resolution, "mode": mode, "flip": False}
+    num_shards = math.ceil(len(records) / shard_size)
+    names = {i: shard_name(i, num_shards) for i in range(num_shards)}
+    decode, encode = DecodeImages(str(tree), resolution, mode), EncodeLatents(None, False, tuple(geometry["latent_shape"]))
+    for shard in range(num_shards):
+        rows = records[shard * shard_size:(shard + 1) * shard_size]
+        batch = {"key": np.asarray([r.key for r in rows], dtype=object), "label": np.asarray([r.label for r in rows]),
+                 "shard": np.full(len(rows), shard, dtype=np.int64)}
+        write_shard(encode(decode(batch)), str(output), names)
+    settings = {"source_root": str(Path(tree).resolve()), "resolution": resolution, "mode": mode, "flip": False,
+                "shard_size": shard_size}
     return write_manifest(output, settings, geometry, classes, names)
 
 
@@ -91,36 +98,67 @@ def tiny_vae(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (2 CPUs, no dashboard) for all the tests of a module that need one; a module that needs
-    another Ray (the job server, a multi-node cluster) defines its own `local_ray`."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(temp_dir: str) -> str:
+    """A local Ray of 2 CPUs with its dashboard (Ray Train frees a finished trial's reservation through the
+    state API it serves; the job server is part of it) on a free port, under `temp_dir` (short: Ray's socket
+    paths live under it). Returns the dashboard's address."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # ~4 s less per Ray Train fit
-    ray.init(num_cpus=2, include_dashboard=False)
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=temp_dir)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down, at the end of the run, the Ray that `local_ray` started (if it is still up), and removes
+    the temp dirs of every one it started."""
+    import shutil
+
+    session = {"temp_dirs": []}
+    yield session
+    import ray
+
     ray.shutdown()
+    for folder in session["temp_dirs"]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_ray(_ray_session):
+    """One local Ray for the whole run, started by the first module that needs it and kept for the next
+    ones (each start costs ~10 s on 2 cores); a module that needs another Ray (the multi-node cluster of
+    test_elastic.py) shuts it down, and the next user starts a new one. Yields the dashboard's address."""
+    import tempfile
+
+    import ray
+
+    if not ray.is_initialized() or "address" not in _ray_session:
+        if ray.is_initialized():
+            ray.shutdown()  # a Ray some test started on its own
+        _ray_session["temp_dirs"].append(tempfile.mkdtemp(prefix="dumo-ray-", dir="/tmp"))
+        _ray_session["address"] = start_local_ray(_ray_session["temp_dirs"][-1])
+    yield _ray_session["address"]
 
 
 @pytest.fixture(scope="session")
 def digits_latents(tmp_path_factory):
-    """The digits written as PNG files and precomputed in pixel space (--vae none), once for the whole run
-    (tests only read it): on the Ray already running, else on a Ray of its own, shut down after."""
-    import ray
-
+    """400 digits written as PNG files and precomputed in pixel space (--vae none) into 2 shards, once for
+    the whole run (tests only read it). Written in this process by the precompute's own stages: starting a
+    Ray and a Ray Data job for it cost ~30 s on 2 cores; the pipeline itself is tested in test_precompute.py."""
     from dumo_ray.data.digits import write_digits_tree
-    from dumo_ray.pipelines.precompute_latents import precompute_latents
 
     root = tmp_path_factory.mktemp("digits")
     write_digits_tree(root / "tree", limit=400)
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        precompute_latents(str(root / "tree"), str(root / "latents"), vae=None, resolution=8, mode="L", shard_size=200)
-    finally:
-        if own_ray:
-            ray.shutdown()
+    precompute_in_process(root / "tree", root / "latents", shard_size=200)
     return root / "latents"

@@ -13,7 +13,6 @@ from dumo_ray.cli import main
 from dumo_ray.data.latents import CorruptShardError, load_manifest, moments_table, read_training_table
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.ray  # the digits latent folder is precomputed on Ray
 
 
 def corrupt_copy(latents: Path, tmp_path: Path) -> tuple[Path, str]:

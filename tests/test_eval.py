@@ -112,7 +112,6 @@ def test_fd_digits_of_the_real_digits(tmp_path, capsys):
     assert noise["fd"] > 100 * max(result["fd"], 1.0) and noise["accuracy"] < 0.5
 
 
-@pytest.mark.ray  # the session's digits latent folder is precomputed through Ray Data on first use
 def test_a_latent_folder_is_a_reference_of_its_original_images(digits_latents, tmp_path):
     """A precomputed folder used as --reference decodes its stored (raw) moments as they are: the statistics
     equal those of the 400 original digits it was written from (uint8 -> fp16 -> uint8 is exact)."""

@@ -1,35 +1,15 @@
-"""`dumo-ray submit` / `dumo-ray jobs` against a real Ray head with its job server, started by this module
-on its own ports and temp dir (and shut down by it; never `ray stop`). The cluster has token
-authentication on (Ray's default), so the submission authenticates for real."""
-import shutil
-import socket
+"""`dumo-ray submit` / `dumo-ray jobs` against a real Ray head with its job server (the run's shared local
+Ray, tests/conftest.py: on its own port and temp dir, shut down by the tests; never `ray stop`). The cluster
+has token authentication on (Ray's default), so the submission authenticates for real."""
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 
 from dumo_ray.cli import main
 from dumo_ray.jobs import ALWAYS_EXCLUDED, runtime_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="dumo-head-", dir="/tmp")  # short: Ray's socket paths live under it
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=temp_dir)
-    yield f"http://127.0.0.1:{port}"
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_runtime_env_uploads_the_code_not_the_data():

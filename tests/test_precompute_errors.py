@@ -1,5 +1,6 @@
 """Precompute over a tree where nothing decodes: on a Ray of its own, which the CLI starts and shuts down
-(in test_precompute.py, the module's shared Ray could still hold the previous tests' actors)."""
+(the run's shared Ray, tests/conftest.py, could still hold the previous tests' actors; it is shut down
+first, and its next user starts it again)."""
 from __future__ import annotations
 
 from dumo_ray.data.latents import load_manifest
@@ -10,6 +11,10 @@ import pytest
 @pytest.mark.slow
 @pytest.mark.ray
 def test_precompute_without_a_decodable_image_fails_naming_the_reasons(tmp_path, capsys):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
     """A tree where nothing decodes is an error (exit 2, the skip reasons in one line), not a dataset of 0 rows;
     the manifest with every skipped file and its reason is still written."""
     from conftest import undecodable_tree

@@ -110,7 +110,6 @@ def test_a_restarted_run_logs_no_step_twice(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_training_finishes_when_the_store_is_never_there(digits_latents, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here

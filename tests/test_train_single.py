@@ -27,7 +27,6 @@ def run_train(latents, out, total, extra=()):
 
 
 @pytest.mark.slow
-@pytest.mark.ray  # the session's digits latent folder is precomputed through Ray Data on first use
 def test_train_checkpoint_resume_and_sample(digits_latents, tmp_path, capsys):
     digits_latent_folder = digits_latents
     out = tmp_path / "run"

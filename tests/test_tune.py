@@ -1,10 +1,8 @@
 """A real Ray Tune sweep on CPU: 2 trials of a tiny model, each a 2-worker DeepSpeed run, ASHA stopping
 the weak ones early, MLflow parent and child runs, and a best-config YAML that `dumo-ray train` runs."""
-import os
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from dumo_ray.cli import main
@@ -12,16 +10,6 @@ from dumo_ray.config import load_config
 from dumo_ray.tune.sweep import load_space, sweep, tune_param_space
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """This module's Ray has the dashboard: Ray Train frees each finished trial's reservation through the
-    state API it serves."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    ray.init(num_cpus=2, include_dashboard=True)
-    yield
-    ray.shutdown()
 
 
 def test_named_spaces_load_and_bad_ones_fail(tmp_path):
@@ -86,7 +74,8 @@ def test_asha_sweep_with_mlflow_parent_and_children(local_ray, digits_latents, t
     assert {r["trial"]: r["images"] for r in again["rows"]} == {t: r["images"] for t, r in rows.items()}
     assert again["parent_run_id"] == result["parent_run_id"]
 
-    # The best config is a config `dumo-ray train` runs as it is.
-    assert main(["train", "--config", result["best_config"], "--set", "train.total_images=64",
+    # The best config is a config `dumo-ray train` runs as it is (here on the single-process launcher, the
+    # same training loop as the trials' without a third Ray Train start).
+    assert main(["train", "--config", result["best_config"], "--set", "distributed.launcher=local", "--set", "train.total_images=64",
                  "--set", "train.log_every_images=64", "--set", "eval.every_images=0",
                  "--set", f"train.storage_path={tmp_path / 'best'}"]) == 0
