@@ -161,7 +161,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.distributed.address = args.address
-    from dumo_ray.train.launch import deterministic_cause, fit, train_local
+    from dumo_ray.errors import deterministic_cause
+    from dumo_ray.train.launch import fit, train_local
 
     try:
         if cfg.distributed.launcher == "local":

@@ -4,7 +4,8 @@
 - `train_local`: this process, plain PyTorch, no Ray (for debugging and small runs).
 
 Both read the same Parquet latents through `LatentBatches`. Rerunning the same command (same
-`train.storage_path` and `train.name`) resumes the run from its latest checkpoint.
+`train.storage_path` and `train.name`) resumes the run from its latest checkpoint. Ray Train restarts
+failed workers (`distributed.max_failures`), but not after a DeterministicError (FailFastPolicy).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dumo_ray.config import Config, ConfigError, save_config
-from dumo_ray.errors import DeterministicError
+from dumo_ray.errors import FailFastPolicy
 from dumo_ray.data.codec import LatentCodec
 from dumo_ray.data.loader import LatentBatches, latent_dataset, read_latents
 from dumo_ray.eval.in_training import check_eval_inputs
@@ -74,20 +75,19 @@ def train_local(cfg: Config) -> dict[str, Any]:
     return training_loop(cfg, backend, codec, batches_from)
 
 
-def deterministic_cause(error: BaseException | None) -> DeterministicError | None:
-    """The DeterministicError inside whatever Ray wrapped it in (a worker group's errors, a task error, a
-    controller error, exception chains), or None."""
-    seen, stack = set(), [error]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DeterministicError):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
-                  *(getattr(e, "worker_failures", None) or {}).values()]
-    return None
+def fail_fast(trainer_cls):
+    """`trainer_cls` (a Ray Train V2 trainer) with FailFastPolicy as its failure policy. Ray Train has no
+    public setting for it: its trainers hand their controller a policy through `_initialize_and_run_controller`
+    (Ray 2.50 to 2.60 at least), which this replaces. Should that change, the run keeps Ray's own policy
+    (tests/test_fail_fast.py then fails)."""
+
+    class FailFastTrainer(trainer_cls):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if "failure_policy" in controller_init_kwargs:
+                controller_init_kwargs["failure_policy"] = FailFastPolicy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    return FailFastTrainer
 
 
 def fit(cfg: Config, callbacks: list | None = None):
@@ -114,7 +114,7 @@ def fit(cfg: Config, callbacks: list | None = None):
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu else {}), **d.worker_resources}
     codec = LatentCodec.from_manifest(manifest, cfg.data.normalize, cfg.data.latent_scale)
     save_run_config(cfg)
-    trainer = TorchTrainer(
+    trainer = fail_fast(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "rows": rows, "cached": cached, "codec": codec.to_dict(),
                            "use_gpu": use_gpu},
