@@ -40,14 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a base config value (repeatable)")
     tune.add_argument("--space", required=True,
                       help="search space: loss_weighting, time_sampling, objective (tune/spaces/) or a .yaml path")
-    tune.add_argument("--num-samples", type=int, default=8, help="trials to sample (with grid: repeats of the grid)")
+    tune.add_argument("--num-samples", type=int, default=None,
+                      help="random/optuna: configs to draw (default 8); grid: like --replicates (default 1)")
+    tune.add_argument("--replicates", type=int, default=None,
+                      help="grid only: run every point N times, seeds train.seed .. train.seed+N-1, and report each "
+                           "point's mean ± std (default 1)")
     tune.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
                       help="asha stops weak trials early at its rungs (default); fifo runs every trial to the end")
     tune.add_argument("--search", choices=["random", "grid", "optuna"], default="random")
     tune.add_argument("--max-concurrent", type=int, default=None,
                       help="trials at once (default: what the cluster's GPUs/CPUs fit for the per-trial workers)")
     tune.add_argument("--metric", default="fd_1step", help="the reported metric to minimise (default fd_1step)")
-    tune.add_argument("--name", default=None, help="sweep name (default <train.name>-<space>); rerun to resume")
+    tune.add_argument("--name", default=None,
+                      help="sweep name, one folder inside train.storage_path (default <train.name>-<space>); rerun to "
+                           "resume")
     tune.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
     submit = commands.add_parser("submit", help="run a dumo-ray command as a job on a Ray cluster",
@@ -239,18 +245,21 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from dumo_ray.tune.sweep import sweep
+    from dumo_ray.tune.sweep import sweep, sweep_outcome
 
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.distributed.address = args.address
-    if args.num_samples < 1:
-        raise ValueError("--num-samples must be >= 1")
-    result = sweep(cfg, args.space, num_samples=args.num_samples, scheduler=args.scheduler, search=args.search,
-                   max_concurrent=args.max_concurrent, metric=args.metric, name=args.name)
-    if result["best_config"] is None:
-        print("dumo-ray tune: error: no trial finished with the metric", file=sys.stderr)
-        return 1
+    try:
+        result = sweep(cfg, args.space, num_samples=args.num_samples, replicates=args.replicates,
+                       scheduler=args.scheduler, search=args.search, max_concurrent=args.max_concurrent,
+                       metric=args.metric, name=args.name)
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune's own handler let the first one end the sweep
+        result = {"interrupted": True, "best_config": None}
+    status, error = sweep_outcome(result)
+    if error:
+        print(f"dumo-ray tune: error: {error}", file=sys.stderr)
+        return status
     print(f"[dumo-ray] sweep done; train the best with: dumo-ray train --config {result['best_config']}")
     return 0
 
