@@ -96,15 +96,18 @@ class Objective:
     def sample_times(self, n: int, generator: torch.Generator, device: torch.device):
         return self.times(n, generator, device)
 
+    def guided_rows(self, nb: NoisedBatch) -> torch.Tensor:
+        """bool (N,): the rows whose velocity target is guided: t inside [cfg_t_lo, cfg_t_hi], label kept."""
+        return (nb.t >= self.cfg.cfg_t_lo) & (nb.t <= self.cfg.cfg_t_hi) & ~nb.dropped
+
     def guided_target(self, nb: NoisedBatch, v_c: torch.Tensor | None, v_n: torch.Tensor | None) -> torch.Tensor:
         """w * v_t + k * v_c + (1 - w - k) * v_n inside the time window; plain v_t elsewhere and for
-        samples whose label was dropped."""
+        samples whose label was dropped (their rows of v_c / v_n are never read)."""
         if v_c is None:
             return nb.v_t
         w, k = self.cfg.cfg_w, self.cfg.cfg_k
         guided = w * nb.v_t + k * v_c.float() + (1 - w - k) * v_n.float()
-        inside = (nb.t >= self.cfg.cfg_t_lo) & (nb.t <= self.cfg.cfg_t_hi) & ~nb.dropped
-        return torch.where(broadcast_time(inside, nb.v_t), guided, nb.v_t)
+        return torch.where(broadcast_time(self.guided_rows(nb), nb.v_t), guided, nb.v_t)
 
     @staticmethod
     def flow_map_target(nb: NoisedBatch, v_target: torch.Tensor, dudt: torch.Tensor) -> torch.Tensor:
@@ -113,12 +116,30 @@ class Objective:
         return (v_target - interval * dudt).detach()
 
     @torch.no_grad()
-    def label_and_null_predictions(self, model: nn.Module, nb: NoisedBatch, r: torch.Tensor, head: int):
-        """No-grad predictions of one head with the batch labels and with the null label, in one pass
-        of 2N samples (the fast attention kernel)."""
-        y_null = torch.full_like(nb.y, self.null_class)
-        outputs = model(torch.cat([nb.x_t, nb.x_t]), torch.cat([nb.t, nb.t]), torch.cat([r, r]), torch.cat([nb.y, y_null]))
-        return outputs[head].float().chunk(2)
+    def label_and_null_predictions(self, model: nn.Module, nb: NoisedBatch, r: torch.Tensor, head: int,
+                                   every_row_labelled: bool = False):
+        """No-grad predictions of one head with the batch labels (v_c) and with the null label (v_n), in
+        one pass (the fast attention kernel) over only the rows that need them: v_n for the guided rows
+        (in the window, label kept; ~80% of a batch under the defaults), v_c for those too or, with
+        `every_row_labelled` (DuMo's tangent is v_c), for every row. Other rows of v_c / v_n are 0 and
+        never read (guided_target selects v_t there). Rows are independent in the model (no batch
+        statistics), so a row's prediction is the one the full 2N pass gives, up to the rounding of a
+        differently blocked matmul.
+
+        Finding the rows costs one device-to-host sync (`nonzero`), and the pass's batch size changes
+        from step to step: fine eagerly (this pass is not compiled; only the JVP is, at a fixed shape). A
+        compiled main pass must keep this call outside its graph, or compile it with dynamic shapes."""
+        guided = self.guided_rows(nb).nonzero().squeeze(1)  # (M,) row indices
+        labelled = torch.arange(len(nb.t), device=guided.device) if every_row_labelled else guided
+        v_c, v_n = torch.zeros_like(nb.v_t), torch.zeros_like(nb.v_t)
+        if len(labelled) == 0:  # no row guided and none needs v_c: nothing to run
+            return v_c, v_n
+        rows = torch.cat([labelled, guided])
+        y = torch.cat([nb.y[labelled], nb.y.new_full((len(guided),), self.null_class)])
+        out = model(nb.x_t[rows], nb.t[rows], r[rows], y)[head].float()  # (len(labelled) + M, C, H, W)
+        v_c.index_copy_(0, labelled, out[:len(labelled)])
+        v_n.index_copy_(0, guided, out[len(labelled):])
+        return v_c, v_n
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, images: int = 0):
         """`images`: training images seen so far, for the schedules (interval curriculum, warm-ups)."""
@@ -144,7 +165,7 @@ class DuMoObjective(Objective):
         r_query = nb.t if cfg.tangent_query == "r_equals_t" else nb.r
         v_c = v_n = None
         if cfg.guidance:
-            v_c, v_n = self.label_and_null_predictions(model, nb, r_query, head=0)
+            v_c, v_n = self.label_and_null_predictions(model, nb, r_query, head=0, every_row_labelled=share > 0)
         elif share > 0:
             with torch.no_grad():
                 v_c = model(nb.x_t, nb.t, r_query, nb.y)[0].float()
