@@ -216,9 +216,14 @@ def submit(command: Sequence[str], *, address: str | None = None, wait: bool = T
            entrypoint_memory: int | None = None, env_vars: dict[str, str] | None = None,
            python: str = "python") -> tuple[str, str | None]:
     """Submits `dumo-ray <command>`; returns (submission id, final status or None with wait=False)."""
+    from dumo_ray.tracking import GIT_COMMIT_ENV, git_commit
+
     check_command(command)
     root = project_root()
     url = resolve_address(address)  # before connecting: an address the environment overrides is an error
+    # The package travels without .git: the commit goes along as a variable, for the MLflow runs' tag.
+    commit = git_commit()
+    env_vars = {**({GIT_COMMIT_ENV: commit} if commit else {}), **(env_vars or {})}
     job_client = client(url)
     submission_id = submission_id or f"dumo-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     job_id = job_client.submit_job(

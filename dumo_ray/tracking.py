@@ -5,20 +5,84 @@ locked, run gone) the run warns once and keeps training; metrics wait in a bound
 order, once the store answers again (tried at most every `RETRY_SECONDS`). A resumed run whose MLflow run
 no longer exists (another `tracking.uri`, a wiped store) continues in a new run tagged with the old id.
 After a restart, metrics of steps the run had already logged are not logged again.
+
+Lineage: a run records the git commit of the code (`mlflow.source.git.commit`, when it runs from a git
+checkout or $DUMO_GIT_COMMIT names it), the latent folder as an MLflow dataset input (named after its path,
+with the manifest's SHA-256 as its digest: the manifest lists every shard's SHA-256), and at the end the EMA
+model as an MLflow model (`ema_model`, pytorch flavor), which the Model Registry can register.
 """
 from __future__ import annotations
 
+import copy
 import os
+import re
+import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from dumo_ray.config import Config
 from dumo_ray.console import say
+from dumo_ray.digests import file_sha256
 
 RETRY_SECONDS = 30.0
 MAX_QUEUED = 100_000  # metric values kept while the store is away (a few MB); the oldest go first
 PREVIOUS_RUN_TAG = "dumo_ray.previous_run_id"  # on a run that continues one that could not be found
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: its UI shows and links it
+GIT_COMMIT_ENV = "DUMO_GIT_COMMIT"  # the commit, where the code travels without its .git (a submitted job)
+MANIFEST_SHA256_TAG = "dumo_ray.data.manifest_sha256"  # the full digest (MLflow keeps 36 characters of one)
+MAX_DATASET_DIGEST = 32  # hex digits of the manifest's SHA-256 in the dataset input (MLflow's limit: 36)
+MODEL_NAME = "ema_model"
+
+
+def git_commit() -> str | None:
+    """The commit of the running dumo_ray: $DUMO_GIT_COMMIT, else HEAD of the git checkout this package is
+    tracked in; None otherwise (an installed wheel, no git, a copy without .git)."""
+    given = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if given:
+        return given
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # This very file tracked: not a copy of the package inside some other repository (a venv in a checkout).
+    if git("ls-files", "--error-unmatch", Path(__file__).name) is None:
+        return None
+    commit = git("rev-parse", "HEAD")
+    return commit if commit and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def manifest_dataset(data_path: str):
+    """(MLflow dataset, SHA-256 of manifest.json) for a latent folder: a metadata-only dataset named after the
+    folder, whose digest is the manifest's (its shards' digests and counts pin the data). None without a
+    manifest (no data.path, a folder this process does not see)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from dumo_ray.data.latents import MANIFEST
+
+    manifest = Path(data_path) / MANIFEST
+    if not data_path or not manifest.is_file():
+        return None
+    sha256 = file_sha256(manifest)
+    with warnings.catch_warnings():  # a local path matches MLflow's "" and "file" sources alike, the same class
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(data_path)
+    return MetaDataset(source, name=data_path, digest=sha256[:MAX_DATASET_DIGEST]), sha256
+
+
+def model_requirements() -> list[str]:
+    """What the logged model imports besides dumo_ray (which travels with it as code)."""
+    import timm
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
 
 
 def redact(uri: str) -> str:
@@ -77,11 +141,14 @@ class MlflowRun:
                 self.logged_until = max((m.step for key in run.data.metrics
                                          for m in self.client.get_metric_history(run.info.run_id, key)), default=-1)
                 self.run_id = run.info.run_id
+                self._record_lineage(run.data.tags)
                 return
         experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else self.client.create_experiment(self.cfg.tracking.experiment))
         tags = {}
+        if (commit := git_commit()) is not None:
+            tags[GIT_COMMIT_TAG] = commit
         if self.cfg.tracking.parent_run_id:
             tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
         if self.resume_id is not None:
@@ -95,6 +162,30 @@ class MlflowRun:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
         self.run_id = run.info.run_id
+        self._record_lineage(tags)
+
+    def _record_lineage(self, tags: dict[str, str]) -> None:
+        """The dataset input (and, on a resumed run that has none, the commit). Once per start, best effort:
+        the run exists already, so a failure here is warned about and not retried (a retried `_start`
+        would open a second run)."""
+        try:
+            if GIT_COMMIT_TAG not in tags and (commit := git_commit()) is not None:
+                self.client.set_tag(self.run_id, GIT_COMMIT_TAG, commit)
+            if (found := manifest_dataset(self.cfg.data.path)) is not None:
+                from mlflow.entities import DatasetInput, InputTag
+                from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+                dataset, sha256 = found
+                self.client.set_tag(self.run_id, MANIFEST_SHA256_TAG, sha256)
+                self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                                  [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+        except Exception as error:  # lineage is worth a warning, never a stop
+            say(f"warning: the run's commit and dataset could not be recorded in MLflow at {self.where} "
+                f"({type(error).__name__}: {self._first_line(error)})")
+
+    def _first_line(self, error: Exception) -> str:
+        line = (str(error).splitlines() or [""])[0][:200]
+        return line.replace(self.password, "***") if self.password else line  # the client's errors name the URL
 
     def _guard(self, call, *args) -> bool:
         """Runs an MLflow call; on failure warns (once per outage) and returns False."""
@@ -103,11 +194,8 @@ class MlflowRun:
         except Exception as error:  # whatever the store raises, training goes on
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
-                first_line = (str(error).splitlines() or [""])[0][:200]
-                if self.password:  # the client's own error names the URL it tried
-                    first_line = first_line.replace(self.password, "***")
-                say(f"warning: MLflow at {self.where} failed ({type(error).__name__}: {first_line}); training goes "
-                    f"on, metrics are kept and sent when it answers again")
+                say(f"warning: MLflow at {self.where} failed ({type(error).__name__}: {self._first_line(error)}); "
+                    f"training goes on, metrics are kept and sent when it answers again")
             self.next_try = time.monotonic() + RETRY_SECONDS
             return False
         if self.failing_since is not None:
@@ -145,6 +233,26 @@ class MlflowRun:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         if self._ready():
             self._guard(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
+
+    def log_model(self, module) -> None:
+        """`module` (the EMA model) as the MLflow model `ema_model`: pytorch flavor, with dumo_ray as its code,
+        so that `mlflow.pytorch.load_model` loads it and the Model Registry can register it."""
+        if self._ready():
+            self._guard(self._log_model, module)
+
+    def _log_model(self, module) -> None:
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.cfg.tracking.uri)  # mlflow.pytorch logs through the fluent client
+        # Created here, in the run's experiment: left to mlflow.pytorch, it lands in the fluent client's
+        # active experiment (the default one), and `runs:/<run>/ema_model` finds nothing.
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        model = self.client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=self.run_id)
+        package = Path(__file__).resolve().parent
+        mlflow.pytorch.log_model(copy.deepcopy(module).cpu().eval(), name=MODEL_NAME, run_id=self.run_id,
+                                 model_id=model.model_id, code_paths=[str(package)],
+                                 pip_requirements=model_requirements(), serialization_format="pickle")
 
     def end(self, status: str = "FINISHED") -> None:
         self.next_try = 0.0  # a last try, whatever the backoff says

@@ -36,6 +36,15 @@ def test_submit_a_training_run_and_read_its_logs(local_ray, digits_latents, tmp_
     printed = capsys.readouterr().out
     assert "job dumo-test-train: SUCCEEDED" in printed and "[dumo-ray] done at image 320" in printed
     assert (tmp_path / "runs" / "submitted" / "export" / "model.safetensors").is_file()
+    # The job's MLflow run names the commit it was submitted from (the upload has no .git; from a checkout
+    # without git there is no commit and no tag).
+    from mlflow.tracking import MlflowClient
+
+    from dumo_ray.tracking import git_commit
+
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert [r.data.tags.get("mlflow.source.git.commit") for r in runs] == [git_commit()]
 
     assert main(["jobs", "logs", "dumo-test-train", "--address", address]) == 0
     assert "[dumo-ray] done at image 320" in capsys.readouterr().out

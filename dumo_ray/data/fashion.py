@@ -9,11 +9,12 @@ official MD5 before it is read.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+
+from dumo_ray.digests import check_file_digest, file_md5
 
 # The official release's checksums (github.com/zalandoresearch/fashion-mnist, README "Get the data").
 OFFICIAL_MD5 = {
@@ -50,9 +51,7 @@ def resolve_source(source: str | Path | None) -> Path:
     return found
 
 
-def md5(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+md5 = file_md5  # the name eval.fashion_classifier and the tests use
 
 
 def check_files(source: Path, split: str, checksums: dict[str, str] | None = OFFICIAL_MD5) -> tuple[Path, Path]:
@@ -62,9 +61,8 @@ def check_files(source: Path, split: str, checksums: dict[str, str] | None = OFF
         if not path.is_file():
             raise FileNotFoundError(f"Fashion-MNIST file {path} is missing (the {split} split needs "
                                     f"{' and '.join(SPLIT_FILES[split])})")
-        if checksums is not None and (got := md5(path)) != checksums[path.name]:
-            raise ValueError(f"Fashion-MNIST file {path} has MD5 {got}, the official file has {checksums[path.name]}: "
-                             "a truncated or different file")
+        if checksums is not None:
+            check_file_digest(path, checksums[path.name], "md5", what="Fashion-MNIST file")
     return paths
 
 

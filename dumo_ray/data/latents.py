@@ -21,7 +21,6 @@ per-channel statistics of the manifest (or a single scale such as SD's 0.18215).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dumo_ray.digests import file_sha256  # noqa: F401 (shard digests; data.verify and the precompute import it here)
 from dumo_ray.errors import DeterministicError
 
 SCHEMA_VERSION = 2
@@ -115,14 +115,6 @@ def read_shard(path: str | Path) -> dict[str, Any]:
         "flip": table.column("flip").to_numpy(zero_copy_only=False),
         "moments": moments_array(table.column("moments"), shape),
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@ them), "logits" (Inception Score) and "predicted" (class accuracy). Pick one by 
 - inception: the FID network, torch-fidelity's port of the TensorFlow Inception used by the FID and ADM
   evaluation code (the network torchmetrics' FID and IS run): 2048 pool features + logits, inputs resized
   with the TF1-compatible bilinear filter. Weights come from a local file only: nothing is downloaded.
+  The file must be the official one (its SHA-256 is pinned and checked before it is loaded: torch-fidelity
+  unpickles it with weights_only=False, and any other file would give FIDs no paper can be compared with).
 - digits: FD-digits for the demo. A small MLP classifier trained on scikit-learn's real digits; its
   hidden layer is the feature space, its predictions give class accuracy. It carries its own reference
   (the real digits).
@@ -23,10 +25,16 @@ import numpy as np
 import torch
 
 from dumo_ray.config import INCEPTION_WEIGHTS_ENV
+from dumo_ray.digests import check_file_digest, forced_weights_only
 from dumo_ray.eval.metrics import feature_statistics
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+# The release file's SHA-256 (95,628,359 bytes; the same bytes as pytorch-fid's pt_inception-2015-12-05-6726825d.pth:
+# the name carries the digest's first 8 hex digits, torch.hub's convention).
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+# Another digest for another file (weights of your own): you vouch for that file, and its FIDs are not comparable.
+INCEPTION_SHA256_ENV = "DUMO_INCEPTION_SHA256"
 
 
 class FeatureNetwork(Protocol):
@@ -50,6 +58,13 @@ def inception_weights_path(given: str | os.PathLike | None = None) -> Path:
     return Path(path)
 
 
+def check_inception_weights(path: str | os.PathLike) -> None:
+    """DigestMismatchError unless `path` holds the official weights (or the file $DUMO_INCEPTION_SHA256 names)."""
+    own = os.environ.get(INCEPTION_SHA256_ENV, "")
+    check_file_digest(path, own or INCEPTION_SHA256, what="Inception weights file",
+                      pinned=f"${INCEPTION_SHA256_ENV}" if own else f"the official {INCEPTION_FILE}")
+
+
 def three_channels(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
@@ -61,9 +76,11 @@ class InceptionFeatures:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         path = inception_weights_path(weights)
+        check_inception_weights(path)
         self.device = torch.device(device)
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(path)).to(self.device)
+        with forced_weights_only():  # torch-fidelity loads the file with weights_only=False
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=str(path)).to(self.device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:

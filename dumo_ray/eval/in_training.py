@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from dumo_ray.config import Config, resolved_eval_features
-from dumo_ray.eval.features import build_feature_network, inception_weights_path
+from dumo_ray.eval.features import build_feature_network, check_inception_weights, inception_weights_path
 from dumo_ray.eval.image_sets import load_reference
 from dumo_ray.eval.pixels import to_uint8
 from dumo_ray.eval.scores import score_outputs
@@ -19,10 +19,10 @@ from dumo_ray.flow.sampler import default_method_and_head, sample_in_chunks, sam
 
 
 def check_eval_inputs(cfg: Config) -> None:
-    """Fail before any training starts when the evaluation's files are missing."""
+    """Fail before any training starts when the evaluation's files are missing (or not the official weights)."""
     if resolved_eval_features(cfg) != "inception":
         return
-    inception_weights_path(cfg.eval.inception_weights or None)
+    check_inception_weights(inception_weights_path(cfg.eval.inception_weights or None))
     if load_reference(cfg.eval.reference) is None:
         raise ValueError(f"eval.reference {cfg.eval.reference} holds images but no statistics; write them once with "
                          f"`dumo-ray evaluate --samples ... --reference {cfg.eval.reference} --save-reference REF.npz` "

@@ -4,7 +4,8 @@ Every rank builds the same model (same seed) and wraps it in a DeepSpeed engine.
 saves its ZeRO shard into a local temporary folder and reports it; Ray merges them into one checkpoint in
 `storage_path/name` (rank 0 adds the common files of train.backend). A checkpoint saved by another number
 of workers (a node was lost or added) is resharded through DeepSpeed's universal format, converted once
-per node.
+per node. DeepSpeed unpickles its shards with weights_only=False; here every such load runs weights-only
+(train.checkpoint.restricted_unpickling), so a tampered checkpoint is refused rather than run.
 """
 from __future__ import annotations
 
@@ -19,12 +20,20 @@ import torch.nn as nn
 from dumo_ray.config import Config
 from dumo_ray.console import say
 from dumo_ray.data.batch_plan import BatchPlan, workers_phrase
+from dumo_ray.train.checkpoint import deepspeed_safe_globals, restricted_unpickling
 from dumo_ray.train.deepspeed_engine import (DeepSpeedStepper, deepspeed_config, full_parameters, import_deepspeed,
                                              max_rank_difference, parameter_fingerprint)
 from dumo_ray.train.devices import resolve_precision
 from dumo_ray.train.reshard import saved_world_size, universal_copy_on_node
 
 DS_TAG = "deepspeed"
+
+
+def load_engine_checkpoint(engine, load_dir: Path) -> None:
+    """DeepSpeed's own load of the ZeRO shards in `load_dir`/deepspeed, weights-only: UnsafeCheckpointError
+    naming the file when one holds anything but tensors, plain containers and DeepSpeed's plain-data classes."""
+    with restricted_unpickling(load_dir, deepspeed_safe_globals()):
+        engine.load_checkpoint(str(load_dir), tag=DS_TAG)
 
 
 def worker_nodes(world: int) -> list[str]:
@@ -68,7 +77,7 @@ class DeepSpeedBackend:
                 model=model, optimizer=optimizer,
                 config=deepspeed_config(self.cfg, self.plan, load_universal=saved_world != self.world))
             if checkpoint is not None:
-                self.engine.load_checkpoint(str(load_dir), tag=DS_TAG)
+                load_engine_checkpoint(self.engine, Path(load_dir))
         self.stepper = DeepSpeedStepper(self.engine)
         # ZeRO-3's parameters are gathered by hooks around the engine's forward; stages 1 and 2 keep whole
         # parameters, so the objective differentiates the module itself (what torch.compile traces too).

@@ -255,6 +255,8 @@ def training_loop(cfg: Config, backend: Backend, codec: LatentCodec,
                 export = write_export(cfg.run_dir, ema.state_dict(), cfg, codec)
                 if tracker is not None and not is_remote(export):
                     tracker.log_artifacts(export, "ema_export")
+                if tracker is not None:
+                    tracker.log_model(ema.module)  # an MLflow model the Model Registry can register
                 summary = {"images": progress.images, "steps": progress.step,
                            "train_seconds": round(time.perf_counter() - started, 1), "export": export,
                            "grids": {k: str(v) for k, v in grids.items()},

@@ -6,7 +6,8 @@ parameter's fp32 weight and Adam moments whole; a run that resumes at another wo
 saved checkpoint with DeepSpeed's own `ds_to_universal` and loads that (config `load_universal`), which
 re-partitions the state for the new ranks. The conversion runs once per node (`universal_copy_on_node`):
 it holds whole fp32 parameters and Adam moments in host memory, and eight workers of a node converting
-DuMo-XL/2's ~8 GB of optimizer state side by side would need eight times that.
+DuMo-XL/2's ~8 GB of optimizer state side by side would need eight times that. The converter unpickles
+the shards weights-only (train.checkpoint.restricted_unpickling), as the direct load does.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import time
 import types
 from pathlib import Path
 from typing import Iterator
+
+from dumo_ray.train.checkpoint import deepspeed_safe_globals, restricted_unpickling
 
 OPTIMIZER_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
@@ -41,8 +44,8 @@ def convert_to_universal(tag_dir: str | Path, out_dir: str | Path) -> float:
     args = types.SimpleNamespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
                                  inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ds_to_universal.main(args)
+    with contextlib.redirect_stdout(io.StringIO()), restricted_unpickling(tag_dir, deepspeed_safe_globals()):
+        ds_to_universal.main(args)  # in this process (one worker each): the restriction holds there
     return time.perf_counter() - started
 
 
