@@ -33,13 +33,13 @@ def history(tracking_uri, run_id, key):
 
 
 def test_zero2_two_workers_trains_checkpoints_and_logs(digits_latents, tmp_path, capfd):
-    # The compiled JVP pass (the default on CUDA) is forced on: each worker compiles its engine's module.
+    # The eager JVP (the CPU's default): the compiled pass equals it (tests/test_jvp.py), and compiling it in
+    # both workers here cost a minute or more of the suite's time on 2 cores.
     cfg = tiny_config(digits_latents, tmp_path, "zero2", "eval.features=digits", "eval.every_images=256",
-                      "eval.num_images=100", "eval.chunk=16", "jvp.estimator=jvp", "jvp.compile_jvp=always")
+                      "eval.num_images=100", "eval.chunk=16", "jvp.estimator=jvp")
     result = fit(cfg)
     assert result.error is None
     assert result.metrics["images"] == 640 and result.metrics["rank_param_max_diff"] == 0.0  # ranks identical
-    assert "differs from the eager one" not in "".join(capfd.readouterr())  # the compiled JVP passed its check
     # In-training evaluation reaches Ray Train's results (what a Tune scheduler reads).
     assert result.metrics["fd_1step"] > 0 and 0 <= result.metrics["accuracy_2step"] <= 1
 

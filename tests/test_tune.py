@@ -1,4 +1,5 @@
-"""A real Ray Tune sweep on CPU: 2 trials of a tiny model, each a 2-worker DeepSpeed run, ASHA stopping
+"""A real Ray Tune sweep on CPU: 2 trials of a tiny model, each a Ray Train DeepSpeed run (one worker:
+the 2-worker paths are tested in test_distributed.py), ASHA stopping
 the weak ones early, MLflow parent and child runs, and a best-config YAML that `dumo-ray train` runs."""
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_asha_sweep_with_mlflow_parent_and_children(local_ray, digits_latents, t
     space.write_text("params:\n  optim.lr: {grid: [3.0e-3, 1.0e-7]}\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(ROOT / "configs/quickstart.yaml", [
-        f"data.path={digits_latents}", "model.preset=DuMo-Micro/2", "optim.batch_size=32",
+        f"data.path={digits_latents}", "model.preset=DuMo-Micro/2", "optim.batch_size=32", "distributed.num_workers=1",
         "train.total_images=768", "train.log_every_images=128", "train.checkpoint_every_images=768",
         "train.num_sample_images=10", "eval.every_images=256", "eval.num_images=100", "eval.chunk=20",
         f"train.storage_path={tmp_path / 'runs'}", "train.name=t", f"tracking.uri={uri}"])
