@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from dumo_ray.cli import main
-from dumo_ray.data.fashion import CLASS_FOLDERS, OFFICIAL_MD5, md5, read_idx, write_fashion_tree
+from dumo_ray.data.fashion import CLASS_FOLDERS, OFFICIAL_MD5, read_idx, write_fashion_tree
+from dumo_ray.digests import file_md5 as md5
 
 
 def write_idx(path, array: np.ndarray, magic: int) -> None:

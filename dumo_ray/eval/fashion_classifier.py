@@ -85,7 +85,8 @@ def load_or_train(source: str | Path | None = None,
     ones, e.g. a test's)."""
     from safetensors.numpy import load_file, save_file
 
-    from dumo_ray.data.fashion import SPLIT_FILES, load_fashion, md5, pad_to, resolve_source
+    from dumo_ray.data.fashion import SPLIT_FILES, load_fashion, pad_to, resolve_source
+    from dumo_ray.digests import file_md5 as md5
 
     train_md5 = md5(resolve_source(source) / SPLIT_FILES["train"][0])
     path = cache_dir() / f"fd-fashion-v{RECIPE['version']}-{train_md5[:12]}.safetensors"
