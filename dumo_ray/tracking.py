@@ -97,6 +97,15 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the database for a SQLite store (MLflow's own
+    default is ./mlruns under whatever folder the process runs in, which scatters a run's model and grids
+    over the working folders of its launches); the server's choice for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 def _is_missing_run(error: Exception) -> bool:
     return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
@@ -145,7 +154,8 @@ class MlflowRun:
                 return
         experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment(self.cfg.tracking.experiment))
+                         else self.client.create_experiment(self.cfg.tracking.experiment,
+                                                            artifact_location=artifact_location(self.cfg.tracking.uri)))
         tags = {}
         if (commit := git_commit()) is not None:
             tags[GIT_COMMIT_TAG] = commit

@@ -42,7 +42,9 @@ def test_a_run_records_commit_dataset_and_a_registrable_model(tmp_path, micro_mo
     import mlflow
     import mlflow.pytorch
 
-    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's own default would put the artifacts in ./mlruns here
     # MlflowRun.log_model sets the fluent client's tracking URI (mlflow.pytorch logs through it): restored after.
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
 
@@ -54,6 +56,9 @@ def test_a_run_records_commit_dataset_and_a_registrable_model(tmp_path, micro_mo
 
     client = MlflowClient(uri)
     logged = client.get_run(run.run_id)
+    # The artifacts sit beside the database, whatever folder the run was started from.
+    assert logged.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri() + "/")
+    assert (tmp_path / "mlruns").is_dir() and not any(elsewhere.iterdir())
     assert logged.data.tags[GIT_COMMIT_TAG] == head_commit()
     manifest_sha256 = file_sha256(data / "manifest.json")
     assert logged.data.tags[MANIFEST_SHA256_TAG] == manifest_sha256
