@@ -1,6 +1,8 @@
 """`dumo-ray submit` / `dumo-ray jobs` against a real Ray head with its job server (the run's shared local
 Ray, tests/conftest.py: on its own port and temp dir, shut down by the tests; never `ray stop`). The cluster
 has token authentication on (Ray's default), so the submission authenticates for real."""
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -20,21 +22,35 @@ def test_runtime_env_uploads_the_code_not_the_data():
     assert all(not p.startswith("!") for p in env["excludes"]) and "*.pt" in ALWAYS_EXCLUDED
 
 
+# The submitted run: one Ray Train worker (DeepSpeed ZeRO-2), batch 32, 20 steps. The single-process
+# launcher trains the same settings in the test after next, against the job's weights.
+RUN = ["model.preset=DuMo-Micro/2", "optim.batch_size=32", "optim.lr=3e-3", "distributed.num_workers=1",
+       "train.total_images=640", "train.log_every_images=128", "train.checkpoint_every_images=320",
+       "train.num_sample_images=20", "eval.features=none"]
+
+
+@pytest.fixture(scope="module")
+def submitted(local_ray, digits_latents, tmp_path_factory):
+    """Submits `dumo-ray train` to the run's local Ray as a job and waits for it: (address, run settings,
+    tmp folder, what `submit` printed). One Ray Train start (~45 s on 2 cores) for two tests."""
+    tmp_path = tmp_path_factory.mktemp("job")
+    settings = [f"data.path={digits_latents}", *RUN, f"train.storage_path={tmp_path / 'runs'}", "train.name=submitted",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    train = ["train", "--config", "configs/quickstart.yaml", *[a for s in settings for a in ("--set", s)]]
+    # This local cluster runs the interpreter of this test (a venv that is not on PATH).
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # a module fixture has no capsys
+        code = main(["submit", "--address", local_ray, "--python", sys.executable, "--submission-id", "dumo-test-train",
+                     "--", *train])
+    return code, settings, tmp_path, printed.getvalue()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_submit_a_training_run_and_read_its_logs(local_ray, digits_latents, tmp_path, capsys):
-    address = local_ray
-    train = ["train", "--config", "configs/quickstart.yaml", "--set", f"data.path={digits_latents}",
-             "--set", "model.preset=DuMo-Micro/2", "--set", "optim.batch_size=32", "--set", "train.total_images=320",
-             "--set", "train.log_every_images=160", "--set", "train.checkpoint_every_images=320",
-             "--set", "train.num_sample_images=10", "--set", "eval.features=none",
-             "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", "train.name=submitted",
-             "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    # This local cluster runs the interpreter of this test (a venv that is not on PATH).
-    submit = ["submit", "--address", address, "--python", sys.executable]
-    assert main([*submit, "--submission-id", "dumo-test-train", "--", *train]) == 0
-    printed = capsys.readouterr().out
-    assert "job dumo-test-train: SUCCEEDED" in printed and "[dumo-ray] done at image 320" in printed
+def test_submit_a_training_run_and_read_its_logs(local_ray, submitted, capsys):
+    address, (code, _, tmp_path, printed) = local_ray, submitted
+    assert code == 0
+    assert "job dumo-test-train: SUCCEEDED" in printed and "[dumo-ray] done at image 640" in printed
     assert (tmp_path / "runs" / "submitted" / "export" / "model.safetensors").is_file()
     # The job's MLflow run names the commit it was submitted from (the upload has no .git; from a checkout
     # without git there is no commit and no tag).
@@ -47,15 +63,53 @@ def test_submit_a_training_run_and_read_its_logs(local_ray, digits_latents, tmp_
     assert [r.data.tags.get("mlflow.source.git.commit") for r in runs] == [git_commit()]
 
     assert main(["jobs", "logs", "dumo-test-train", "--address", address]) == 0
-    assert "[dumo-ray] done at image 320" in capsys.readouterr().out
+    assert "[dumo-ray] done at image 640" in capsys.readouterr().out
     assert main(["jobs", "list", "--address", address]) == 0
     listed = capsys.readouterr().out
     assert "dumo-test-train" in listed and "SUCCEEDED" in listed
 
     # A job that fails (bad config) makes `submit` exit non-zero with the job's own error in the logs.
+    submit = ["submit", "--address", address, "--python", sys.executable]
     assert main([*submit, "--", "train", "--config", "configs/missing.yaml"]) == 1
     printed = capsys.readouterr().out
     assert "config file configs/missing.yaml does not exist" in printed and ": FAILED" in printed
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_single_process_and_the_ray_launcher_train_the_same_weights(submitted, tmp_path):
+    """One training loop: DeepSpeed ZeRO-2 in the job's Ray Train worker and the plain-PyTorch backend in
+    this process, the same Parquet digits, seed and batch plan (one worker, batch 32, 20 steps)."""
+    from safetensors.torch import load_file
+    import torch
+
+    from dumo_ray.config import load_config
+    from dumo_ray.flow.jvp import relative_error
+    from dumo_ray.train.launch import train_local
+
+    def flat(run_dir):
+        weights = load_file(Path(run_dir) / "export" / "model.safetensors")
+        return torch.cat([weights[k].flatten() for k in sorted(weights)])
+
+    code, settings, job_tmp, _ = submitted
+    assert code == 0
+
+    def local(name, *extra):
+        cfg = load_config(ROOT / "configs/quickstart.yaml", [*settings, "distributed.launcher=local", "tracking.enabled=false",
+                                                             f"train.storage_path={tmp_path}", f"train.name={name}", *extra])
+        assert train_local(cfg)["images"] == 640
+        return cfg.run_dir
+
+    alone, other_seed = local("alone"), local("seed-1", "train.seed=1")
+    on_ray = job_tmp / "runs" / "submitted"
+    # Not bit for bit: DeepSpeed reduces the gradients in its flat fp32 buffers and computes the clipping
+    # norm there, torch per parameter, so single gradients differ in their last bits, and Adam turns the
+    # near-zero ones of the zero-initialised layers into lr-sized steps of either sign. Measured: 4.0e-6
+    # relative (norm of the difference over the norm of the weights) after 20 steps; another seed: 1.2.
+    same = relative_error(flat(on_ray), flat(alone))
+    different = relative_error(flat(other_seed), flat(alone))
+    print(f"relative difference: launchers {same:.3g}, seeds {different:.3g}")
+    assert same < 1e-4 and different > 0.1
 
 
 def test_submit_errors_are_clear(capsys):
