@@ -54,11 +54,22 @@ def all_rows(folder):
                       for k in ("key", "label", "flip", "moments")}
 
 
+@pytest.fixture(scope="module")
+def encoded(local_ray, tiny_vae, image_tree, tmp_path_factory):
+    """The image tree precomputed once through the pipeline (encoder batches of 4 rows): (folder, summary).
+    Tests that change the folder work on a copy."""
+    out = tmp_path_factory.mktemp("encoded") / "latents"
+    return out, precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3,
+                                   batch_size=4)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, tiny_vae, image_tree, tmp_path, capsys):
-    out = tmp_path / "latents"
-    summary = precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=4)
+def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(encoded, tiny_vae, image_tree, tmp_path, capsys):
+    import shutil
+
+    out, summary = tmp_path / "latents", encoded[1]
+    shutil.copytree(encoded[0], out)
     manifest, rows = all_rows(out)
 
     # Good images encoded twice (plain + mirrored), bad ones listed with their reason.
@@ -107,18 +118,19 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, ti
     assert verify_latents(out, preview=tmp_path / "preview.png")["problems"] == []
     assert Image.open(tmp_path / "preview.png").width > 16
 
-    # Interrupted run: one shard lost (and a partial temp file left behind) -> the rerun redoes only it.
+    # Interrupted run: one shard lost (and a partial temp file left behind) -> the rerun redoes only it, with
+    # encoder batches of another size (16 rows: the shard holds 3) and the same bytes again.
     lost = out / manifest["shards"][1]["file"]
     lost.unlink()
     lost.with_suffix(".json").unlink()
     (out / f".tmp-{lost.name}-999").write_bytes(b"partial")
     capsys.readouterr()
-    precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=4)
+    precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=16)
     assert "3 already done, 1 to do" in capsys.readouterr().out
     manifest2, rows2 = all_rows(out)
     pairs = [(k, bool(f)) for k, f in zip(rows2["key"], rows2["flip"])]
     assert len(pairs) == len(set(pairs)) == 2 * len(GOOD)
-    assert manifest2["shards"] == manifest["shards"]  # deterministic: the same bytes again
+    assert manifest2["shards"] == manifest["shards"]  # deterministic: the same bytes again (SHA-256 per shard)
 
     # A rerun with other settings is refused rather than mixing two datasets; so is one that would add
     # shards of another schema.
@@ -139,20 +151,13 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(local_ray, ti
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_shard_bytes_do_not_depend_on_how_ray_data_batches_the_rows(local_ray, tiny_vae, image_tree, tmp_path):
-    """Encoder batches of 1 and of 16 rows, and a rerun of one shard alone, give byte-identical shards: the
-    VAE always runs on ENCODE_CHUNK images, so the kernels' summation order never changes."""
-    def run(out, batch_size):
-        precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3,
-                           batch_size=batch_size)
-        return load_manifest(out)["shards"]
-
-    small, large = run(tmp_path / "small", 1), run(tmp_path / "large", 16)
-    assert [s["sha256"] for s in small] == [s["sha256"] for s in large]
-    redone = tmp_path / "large" / large[2]["file"]
-    redone.unlink()
-    redone.with_suffix(".json").unlink()
-    assert run(tmp_path / "large", 5) == small
+def test_shard_bytes_do_not_depend_on_how_ray_data_batches_the_rows(encoded, tiny_vae, image_tree, tmp_path):
+    """Encoder batches of 1 row and of 4 give byte-identical shards (and the resume above redoes one with
+    16): the VAE always runs on ENCODE_CHUNK images, so the kernels' summation order never changes."""
+    precompute_latents(str(image_tree), str(tmp_path / "small"), vae=tiny_vae, resolution=16, flip=True, shard_size=3,
+                       batch_size=1)
+    small, reference = load_manifest(tmp_path / "small")["shards"], load_manifest(encoded[0])["shards"]
+    assert len(small) == 4 and [s["sha256"] for s in small] == [s["sha256"] for s in reference]
 
 
 def test_chunked_encoding_gives_each_image_the_same_bits_in_any_batch(tiny_vae):
