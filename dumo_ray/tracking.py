@@ -97,13 +97,21 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///path.db` tracking URI (relative or absolute, as written); None for
+    any other store."""
+    return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
+
+
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside the database for a SQLite store (MLflow's own
     default is ./mlruns under whatever folder the process runs in, which scatters a run's model and grids
     over the working folders of its launches); the server's choice for any other store."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    database = sqlite_file(uri)
+    return None if database is None else (database.resolve().parent / "mlruns").as_uri()
 
 
 def _is_missing_run(error: Exception) -> bool:

@@ -19,6 +19,7 @@ from dumo_ray.errors import FailFastPolicy
 from dumo_ray.data.codec import LatentCodec
 from dumo_ray.data.loader import LatentBatches, latent_dataset, read_latents
 from dumo_ray.eval.in_training import check_eval_inputs
+from dumo_ray.tracking import SQLITE_PREFIX, sqlite_file
 
 
 def storage_uri(path: str) -> str:
@@ -29,10 +30,9 @@ def storage_uri(path: str) -> str:
 def absolute_paths(cfg: Config) -> Config:
     """Ray Train workers run in their own working directory: relative paths (the run's storage, a
     sqlite MLflow store, the latent folder) are resolved here, against the directory of the command."""
-    uri = cfg.tracking.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    uri, database = cfg.tracking.uri, sqlite_file(cfg.tracking.uri)
+    if database is not None and not database.is_absolute():
+        uri = SQLITE_PREFIX + str(database.resolve())
     data_path = cfg.data.path if "://" in cfg.data.path or not cfg.data.path else str(Path(cfg.data.path).resolve())
     return replace(cfg, train=replace(cfg.train, storage_path=storage_uri(cfg.train.storage_path)),
                    tracking=replace(cfg.tracking, uri=uri), data=replace(cfg.data, path=data_path))
