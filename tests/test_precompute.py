@@ -54,13 +54,18 @@ def all_rows(folder):
                       for k in ("key", "label", "flip", "moments")}
 
 
+def encode_tree(image_tree, vae, out, batch_size, resolution=16):
+    """The pipeline run these tests share the settings of: mirrored rows, 3 rows per shard."""
+    return precompute_latents(str(image_tree), str(out), vae=vae, resolution=resolution, flip=True, shard_size=3,
+                              batch_size=batch_size)
+
+
 @pytest.fixture(scope="module")
 def encoded(local_ray, tiny_vae, image_tree, tmp_path_factory):
     """The image tree precomputed once through the pipeline (encoder batches of 4 rows): (folder, summary).
     Tests that change the folder work on a copy."""
     out = tmp_path_factory.mktemp("encoded") / "latents"
-    return out, precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3,
-                                   batch_size=4)
+    return out, encode_tree(image_tree, tiny_vae, out, batch_size=4)
 
 
 @pytest.mark.ray
@@ -125,7 +130,7 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(encoded, tiny
     lost.with_suffix(".json").unlink()
     (out / f".tmp-{lost.name}-999").write_bytes(b"partial")
     capsys.readouterr()
-    precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=16)
+    encode_tree(image_tree, tiny_vae, out, batch_size=16)
     assert "3 already done, 1 to do" in capsys.readouterr().out
     manifest2, rows2 = all_rows(out)
     pairs = [(k, bool(f)) for k, f in zip(rows2["key"], rows2["flip"])]
@@ -135,11 +140,11 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(encoded, tiny
     # A rerun with other settings is refused rather than mixing two datasets; so is one that would add
     # shards of another schema.
     with pytest.raises(ValueError, match="different settings .*resolution"):
-        precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=32, flip=True, shard_size=3)
+        encode_tree(image_tree, tiny_vae, out, batch_size=4, resolution=32)
     settings = out / "precompute.json"
     settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "schema_version"}))
     with pytest.raises(ValueError, match="shard schema 1, this dumo-ray writes schema 2"):
-        precompute_latents(str(image_tree), str(out), vae=tiny_vae, resolution=16, flip=True, shard_size=3, batch_size=4)
+        encode_tree(image_tree, tiny_vae, out, batch_size=4)
 
     # verify-latents notices a corrupted shard.
     path = out / manifest["shards"][0]["file"]
@@ -154,8 +159,7 @@ def test_precompute_encodes_good_images_lists_bad_ones_and_resumes(encoded, tiny
 def test_shard_bytes_do_not_depend_on_how_ray_data_batches_the_rows(encoded, tiny_vae, image_tree, tmp_path):
     """Encoder batches of 1 row and of 4 give byte-identical shards (and the resume above redoes one with
     16): the VAE always runs on ENCODE_CHUNK images, so the kernels' summation order never changes."""
-    precompute_latents(str(image_tree), str(tmp_path / "small"), vae=tiny_vae, resolution=16, flip=True, shard_size=3,
-                       batch_size=1)
+    encode_tree(image_tree, tiny_vae, tmp_path / "small", batch_size=1)
     small, reference = load_manifest(tmp_path / "small")["shards"], load_manifest(encoded[0])["shards"]
     assert len(small) == 4 and [s["sha256"] for s in small] == [s["sha256"] for s in reference]
 
