@@ -31,15 +31,15 @@ RUN = ["model.preset=DuMo-Micro/2", "optim.batch_size=32", "optim.lr=3e-3", "dis
 
 @pytest.fixture(scope="module")
 def submitted(local_ray, digits_latents, tmp_path_factory):
-    """Submits `dumo-ray train` to the run's local Ray as a job and waits for it: (address, run settings,
-    tmp folder, what `submit` printed). One Ray Train start (~45 s on 2 cores) for two tests."""
+    """Submits `dumo-ray train` to the run's local Ray as a job and waits for it: (submit's exit code, the run
+    settings, the job's tmp folder, what `submit` printed). One Ray Train start (~45 s on 2 cores) for two tests."""
     tmp_path = tmp_path_factory.mktemp("job")
     settings = [f"data.path={digits_latents}", *RUN, f"train.storage_path={tmp_path / 'runs'}", "train.name=submitted",
                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     train = ["train", "--config", "configs/quickstart.yaml", *[a for s in settings for a in ("--set", s)]]
-    # This local cluster runs the interpreter of this test (a venv that is not on PATH).
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # a module fixture has no capsys
+        # This local cluster runs the interpreter of this test (a venv that is not on PATH).
         code = main(["submit", "--address", local_ray, "--python", sys.executable, "--submission-id", "dumo-test-train",
                      "--", *train])
     return code, settings, tmp_path, printed.getvalue()
