@@ -114,6 +114,15 @@ def artifact_location(uri: str) -> str | None:
     return None if database is None else (database.resolve().parent / "mlruns").as_uri()
 
 
+def experiment_id_for(client, cfg: Config) -> str:
+    """The id of `tracking.experiment` in the client's store, creating it (artifacts as artifact_location
+    says) the first time: for training runs and sweep parents alike."""
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg.tracking.uri))
+
+
 def _is_missing_run(error: Exception) -> bool:
     return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
@@ -160,10 +169,7 @@ class MlflowRun:
                 self.run_id = run.info.run_id
                 self._record_lineage(run.data.tags)
                 return
-        experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self.client.create_experiment(self.cfg.tracking.experiment,
-                                                            artifact_location=artifact_location(self.cfg.tracking.uri)))
+        experiment_id = experiment_id_for(self.client, self.cfg)
         tags = {}
         if (commit := git_commit()) is not None:
             tags[GIT_COMMIT_TAG] = commit

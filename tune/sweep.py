@@ -231,9 +231,9 @@ def parent_run(cfg: Config, sweep_dir: Path, name: str, settings: dict[str, Any]
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(cfg.tracking.uri)
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
-        run = client.create_run(experiment_id, run_name=name, tags={"dumo_ray.sweep": name, STATUS_TAG: "running"})
+        from dumo_ray.tracking import experiment_id_for
+
+        run = client.create_run(experiment_id_for(client, cfg), run_name=name, tags={"dumo_ray.sweep": name, STATUS_TAG: "running"})
         for key, value in settings.items():
             client.log_param(run.info.run_id, f"sweep.{key}", str(value)[:500])
         parent_id = run.info.run_id
