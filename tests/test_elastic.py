@@ -35,7 +35,7 @@ def cluster():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Right after a node dies the controller may still count its resources and wait this long for a
     # worker that cannot start before it retries with fewer (Ray's default: 60 s; see cluster/README.md).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "8")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
     if ray.is_initialized():
         ray.shutdown()  # the run's shared local Ray (conftest.local_ray); its next user starts it again
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
