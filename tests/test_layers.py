@@ -43,3 +43,13 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from dumo_ray.train.loop import training_loop\n    import deepspeed\n")
     assert imported_modules(module) == {"dumo_ray.train.loop", "deepspeed"}
+
+
+def test_the_shard_reader_that_ray_data_runs_imports_no_torch():
+    """Ray Data's read tasks import `dumo_ray.data.latents` (read_training_shards): without torch a read worker
+    starts in a fraction of the time and memory."""
+    import subprocess
+    import sys
+
+    probe = "import sys, dumo_ray.data.latents; print(sorted(m for m in ('torch', 'timm', 'deepspeed') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -16,8 +16,12 @@ and one pass of `isfinite`, not a hash of the whole dataset (`verify-latents` do
 Shards written before the checksums existed read as before (nothing to verify) but still get the
 finiteness check.
 
-Latents are normalised just in time: z = (mean + std * eps - channel_mean) / channel_std, with the
-per-channel statistics of the manifest (or a single scale such as SD's 0.18215).
+Latents are normalised just in time (`data.loader`): z = (mean + std * eps - channel_mean) / channel_std,
+with the per-channel statistics of the manifest (or a single scale such as SD's 0.18215).
+
+This module imports no torch: Ray Data's read tasks load it (`read_training_shards`), and each read
+worker would otherwise import torch for nothing (measured: a process importing numpy, pyarrow, torch and
+pydantic used 2.3 CPU-s and 680 MB peak RSS; numpy and pyarrow alone 0.3 CPU-s and 64 MB).
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from dumo_ray.errors import DeterministicError
 
@@ -104,6 +108,20 @@ def read_training_table(path: str | Path, columns: list[str] | None = None) -> p
     return table
 
 
+def read_training_shards(paths: pa.Table, shape: tuple[int, ...], drop_flipped: bool) -> pa.Table:
+    """Runs inside the read tasks, one shard at a time: reads it with its page checksums verified and its
+    moments checked (a corrupt shard raises, naming the file), optionally drops the mirrored rows, and
+    turns the moments column into Ray's tensor type so that batches arrive as (N, *shape) tensors."""
+    from ray.data.extensions import ArrowTensorArray
+
+    tables = [read_training_table(path, ["label", "flip", "moments"]) for path in paths.column("path").to_pylist()]
+    batch = pa.concat_tables(tables)
+    if drop_flipped:
+        batch = batch.filter(pc.invert(batch.column("flip")))
+    index = batch.schema.get_field_index("moments")
+    return batch.set_column(index, "moments", ArrowTensorArray.from_numpy(moments_array(batch.column("moments"), shape)))
+
+
 def read_shard(path: str | Path) -> dict[str, Any]:
     """Plain pyarrow: {"key": list, "label": (N,), "flip": (N,), "moments": (N, 2, C, h, w) float16}."""
     table = read_training_table(path)
@@ -142,14 +160,3 @@ def moment_sums(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     sum_mean = mean.sum(axis=(0, 2, 3))
     sum_sq = (mean ** 2 + std ** 2).sum(axis=(0, 2, 3))
     return sum_mean, sum_sq, mean.shape[0] * mean.shape[2] * mean.shape[3]
-
-
-def sample_normalized(moments: torch.Tensor, channel_mean: torch.Tensor, channel_std: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """(N, 2, C, h, w) moments -> (N, C, h, w) normalised latent sample, fp32."""
-    moments = moments.float()
-    mean, std = moments[:, 0], moments[:, 1]
-    z = torch.randn(mean.shape, generator=generator, device=mean.device)
-    # In place on the fresh noise tensor: this runs on every batch on the CPU when training there.
-    z.mul_(std).add_(mean)
-    return z.sub_(channel_mean.view(1, -1, 1, 1)).div_(channel_std.view(1, -1, 1, 1))

@@ -28,26 +28,12 @@ import torch
 from dumo_ray.config import DataConfig
 from dumo_ray.data.codec import LatentCodec
 from dumo_ray.errors import DataError
-from dumo_ray.data.latents import load_manifest, moments_array, read_training_table, sample_normalized
+from dumo_ray.data.latents import load_manifest, moments_array, read_training_shards, read_training_table
 from dumo_ray.seeding import derive_seed, generator
 from dumo_ray.data.batch_plan import BatchPlan
 
 
 CACHE_LIMIT_BYTES = 2 * 2**30
-
-
-def _read_training_shards(paths: pa.Table, shape: tuple[int, ...], drop_flipped: bool) -> pa.Table:
-    """Runs inside the read tasks, one shard at a time: reads it with its page checksums verified and its
-    moments checked (a corrupt shard raises, naming the file), optionally drops the mirrored rows, and
-    turns the moments column into Ray's tensor type so that batches arrive as (N, *shape) tensors."""
-    from ray.data.extensions import ArrowTensorArray
-
-    tables = [read_training_table(path, ["label", "flip", "moments"]) for path in paths.column("path").to_pylist()]
-    batch = pa.concat_tables(tables)
-    if drop_flipped:
-        batch = batch.filter(pc.invert(batch.column("flip")))
-    index = batch.schema.get_field_index("moments")
-    return batch.set_column(index, "moments", ArrowTensorArray.from_numpy(moments_array(batch.column("moments"), shape)))
 
 
 def latent_dataset(cfg: DataConfig):
@@ -64,7 +50,7 @@ def latent_dataset(cfg: DataConfig):
     # page checksums (its scanner replaces the scan options that ask for it; ray 2.60), and a shard of the
     # right size with flipped bytes must stop the run, not train it.
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
-        _read_training_shards, batch_format="pyarrow", batch_size=1,
+        read_training_shards, batch_format="pyarrow", batch_size=1,
         fn_kwargs=dict(shape=tuple(manifest["moments_shape"]), drop_flipped=drop_flipped))
     rows = manifest["images"] if drop_flipped else manifest["rows"]
     size = rows * int(np.prod(manifest["moments_shape"])) * 2  # float16 moments
@@ -93,6 +79,17 @@ def read_latents(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str,
         moments.append(torch.from_numpy(moments_array(table.column("moments"), shape)))
         labels.append(torch.from_numpy(table.column("label").to_numpy().astype(np.int64)))
     return torch.cat(moments), torch.cat(labels), manifest
+
+
+def sample_normalized(moments: torch.Tensor, channel_mean: torch.Tensor, channel_std: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, 2, C, h, w) moments -> (N, C, h, w) normalised latent sample, fp32."""
+    moments = moments.float()
+    mean, std = moments[:, 0], moments[:, 1]
+    z = torch.randn(mean.shape, generator=generator, device=mean.device)
+    # In place on the fresh noise tensor: this runs on every batch on the CPU when training there.
+    z.mul_(std).add_(mean)
+    return z.sub_(channel_mean.view(1, -1, 1, 1)).div_(channel_std.view(1, -1, 1, 1))
 
 
 class LatentBatches:
