@@ -17,6 +17,8 @@ mean +- std over seeds.
 `--config configs/fashion32.yaml --data data/fashion-latents` runs the same comparison on Fashion-MNIST
 (README, "Fashion-MNIST"; FD-fashion judges); `--keep DIR` keeps each run's folder (sample grids, export).
 
+`--steps-from earlier.json` repeats an earlier table's step counts per arm (a new seed at the same budget).
+
 --budget wall gives every arm the wall time of `--steps` steps of `--reference-arm` (default: dumo at the
 current defaults; in the study's arms file, `dumo_v1` is dumo as first shipped) instead: each arm's step is timed first on this machine (same model and batch, 20 steps),
 and its step count scaled by the reference's step time / its own.
@@ -146,6 +148,8 @@ def main() -> None:
     p.add_argument("--budget", choices=["steps", "wall"], default="steps",
                    help="steps: every arm trains --steps steps; wall: the wall time of --steps reference-arm steps")
     p.add_argument("--reference-arm", default="dumo", help="the arm whose --steps steps set the wall budget")
+    p.add_argument("--steps-from", default=None, metavar="JSON",
+                   help="each arm trains the step count it had in this earlier --json result (another seed, same budget)")
     p.add_argument("--euler", type=int, nargs="*", default=[50], help="also score the v-head with N Euler steps")
     p.add_argument("--json", default=None)
     p.add_argument("--mlflow", default=None, metavar="URI",
@@ -168,7 +172,14 @@ def main() -> None:
     if unknown:
         p.error(f"unknown arm(s) {unknown}; {args.arms or 'the default arms'} has {', '.join(arms)}")
     steps = {arm: args.steps for arm in chosen}
-    if args.budget == "wall":
+    if args.steps_from:  # the earlier table's step counts, not this machine's timing: a new seed, the same budget
+        earlier = json.loads(Path(args.steps_from).read_text())
+        earlier_steps = {row["arm"]: row["steps"] for row in earlier.get("rows", []) if "steps" in row}
+        missing = [a for a in chosen if a not in earlier_steps]
+        if missing:
+            p.error(f"--steps-from {args.steps_from} has no steps for arm(s) {missing}; it has {', '.join(earlier_steps) or 'no arm with a step count'}")
+        steps = {arm: earlier_steps[arm] for arm in chosen}
+    elif args.budget == "wall":
         cost = {arm: step_seconds(arms[arm], args.preset, args.config, args.data) for arm in dict.fromkeys(chosen + [args.reference_arm])}
         steps = {arm: round(args.steps * cost[args.reference_arm] / cost[arm]) for arm in chosen}
         print("step time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in cost.items())
@@ -189,7 +200,8 @@ def main() -> None:
         table.append({"arm": arm, "steps": steps[arm], "s_per_run": statistics.mean(r["seconds"] for r in runs),
                       **{c: mean_std([r[c] for r in runs if c in r]) for c in columns}})
     base = arm_config([], args.preset, config=args.config, data=args.data)
-    budget = (f"{args.steps:,} training steps" if args.budget == "steps"
+    budget = (f"the step counts of {Path(args.steps_from).name}" if args.steps_from
+              else f"{args.steps:,} training steps" if args.budget == "steps"
               else f"the wall time of {args.steps:,} {args.reference_arm} steps")
     title = (f"{base.model.preset} on {Path(base.data.path).name}, {budget} of batch {base.optim.batch_size}, "
              f"seeds {args.seeds}, {base.eval.num_images:,} evaluation samples (mean +- std)")
