@@ -15,7 +15,9 @@ objectives at their defaults. Wall time per run is reported too (the arms' step 
 mean +- std over seeds.
 
 `--config configs/fashion32.yaml --data data/fashion-latents` runs the same comparison on Fashion-MNIST
-(README, "Fashion-MNIST"; FD-fashion judges); `--keep DIR` keeps each run's folder (sample grids, export).
+(README, "Fashion-MNIST"; FD-fashion judges); `--keep DIR` keeps each run's folder (sample grids, export)
+and makes the sweep resumable: rerun the same command and finished runs are read back, unfinished ones go
+on from their latest checkpoint (one per tenth of a run), with the first run's step counts (DIR/plan.json).
 
 `--steps-from earlier.json` repeats an earlier table's step counts per arm (a new seed at the same budget).
 
@@ -86,16 +88,30 @@ def step_seconds(overrides: list[str], preset: str | None, config: Path = DIGITS
 
 def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: int, euler: list[int], storage: str,
         config: Path = DIGITS_CONFIG, data: str | None = None) -> dict:
+    """Trains and scores one (arm, seed). In a kept folder (--keep), a finished run is read back from its
+    result.json and an unfinished one resumes from its latest checkpoint (one every tenth of the run), so
+    an interrupted sweep loses at most a tenth of a run."""
+    from dumo_ray.train.checkpoint import latest_checkpoint
     from dumo_ray.train.launch import train_local
 
     batch = arm_config(overrides, preset, config=config, data=data).optim.batch_size
     total = steps * batch
     cfg = arm_config(overrides, preset, config=config, data=data, extra=[
         f"train.seed={seed}", f"train.total_images={total}",
-        f"train.log_every_images={total // 10 // batch * batch or batch}", f"train.checkpoint_every_images={total}",
+        f"train.log_every_images={total // 10 // batch * batch or batch}",
+        f"train.checkpoint_every_images={total // 10 // batch * batch or batch}",
         f"train.storage_path={storage}", f"train.name={arm}-{seed}".replace("/", "-"), "eval.steps=[1, 2, 4]",
         f"eval.euler_steps={euler}", "eval.every_images=0", "train.sample_steps=[1, 2]"])
-    print(f"# {arm} seed {seed}: {steps:,} steps of batch {batch} -> {cfg.run_dir}", flush=True)
+    result_file = Path(cfg.run_dir) / "result.json"
+    if result_file.is_file():
+        done = json.loads(result_file.read_text())
+        if done["steps"] == steps:
+            print(f"# {arm} seed {seed}: finished earlier, read from {result_file}", flush=True)
+            return done
+        raise SystemExit(f"{result_file} is a run of {done['steps']:,} steps, not {steps:,}: use another --keep folder")
+    resumed = latest_checkpoint(cfg.run_dir) is not None
+    print(f"# {arm} seed {seed}: {steps:,} steps of batch {batch} -> {cfg.run_dir}"
+          + (" (resuming from its latest checkpoint)" if resumed else ""), flush=True)
     if cfg.objective.name == "flow_matching":  # its default sampler is Euler on the v-head already
         cfg.eval.steps = sorted({*cfg.eval.steps, *euler})
         cfg.eval.euler_steps = []
@@ -104,8 +120,42 @@ def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: in
     scores = {k: v for k, v in summary.items() if k.startswith(("fd_", "accuracy_"))}
     if cfg.objective.name == "flow_matching":  # its N-step scores are Euler already: name them so
         scores.update({f"{m}_euler{n}": scores.pop(f"{m}_{n}step") for n in euler for m in ("fd", "accuracy")})
-    return {"arm": arm, "objective": cfg.objective.name, "preset": cfg.model.preset, "seed": seed, "steps": steps,
-            "seconds": time.perf_counter() - started, **scores}
+    result = {"arm": arm, "objective": cfg.objective.name, "preset": cfg.model.preset, "seed": seed, "steps": steps,
+              "seconds": time.perf_counter() - started, "resumed": resumed, **scores}
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def step_counts(args: argparse.Namespace, arms: dict[str, list[str]], chosen: list[str], error) -> dict[str, int]:
+    """Each chosen arm's training steps: --steps, or an earlier table's (--steps-from), or the wall time of
+    --steps reference-arm steps on this machine (--budget wall). A rerun into the same --keep folder keeps
+    the first run's counts (DIR/plan.json), whatever this machine's timing says now."""
+    plan_file = Path(args.keep) / "plan.json" if args.keep else None
+    planned = json.loads(plan_file.read_text()) if plan_file and plan_file.is_file() else {}
+    steps = {arm: args.steps for arm in chosen}
+    if all(arm in planned for arm in chosen):
+        steps = {arm: planned[arm] for arm in chosen}
+    elif args.steps_from:  # the earlier table's step counts, not this machine's timing: a new seed, the same budget
+        earlier = json.loads(Path(args.steps_from).read_text())
+        earlier_steps = {row["arm"]: row["steps"] for row in earlier.get("rows", []) if "steps" in row}
+        missing = [a for a in chosen if a not in earlier_steps]
+        if missing:
+            error(f"--steps-from {args.steps_from} has no steps for arm(s) {missing}; "
+                  f"it has {', '.join(earlier_steps) or 'no arm with a step count'}")
+        steps = {arm: earlier_steps[arm] for arm in chosen}
+    elif args.budget == "wall":
+        cost = {arm: step_seconds(arms[arm], args.preset, args.config, args.data)
+                for arm in dict.fromkeys(chosen + [args.reference_arm])}
+        steps = {arm: round(args.steps * cost[args.reference_arm] / cost[arm]) for arm in chosen}
+        print("step time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in cost.items())
+              + " -> steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
+    steps.update({arm: planned[arm] for arm in chosen if arm in planned})
+    if planned:
+        print(f"step counts of the first run in {plan_file}: {steps}", flush=True)
+    if plan_file:
+        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(json.dumps({**planned, **steps}, indent=2))
+    return steps
 
 
 def log_to_mlflow(uri: str, experiment: str, title: str, settings: dict, runs: list[dict]) -> str:
@@ -171,19 +221,7 @@ def main() -> None:
     unknown = [a for a in chosen + [args.reference_arm] * (args.budget == "wall") if a not in arms]
     if unknown:
         p.error(f"unknown arm(s) {unknown}; {args.arms or 'the default arms'} has {', '.join(arms)}")
-    steps = {arm: args.steps for arm in chosen}
-    if args.steps_from:  # the earlier table's step counts, not this machine's timing: a new seed, the same budget
-        earlier = json.loads(Path(args.steps_from).read_text())
-        earlier_steps = {row["arm"]: row["steps"] for row in earlier.get("rows", []) if "steps" in row}
-        missing = [a for a in chosen if a not in earlier_steps]
-        if missing:
-            p.error(f"--steps-from {args.steps_from} has no steps for arm(s) {missing}; it has {', '.join(earlier_steps) or 'no arm with a step count'}")
-        steps = {arm: earlier_steps[arm] for arm in chosen}
-    elif args.budget == "wall":
-        cost = {arm: step_seconds(arms[arm], args.preset, args.config, args.data) for arm in dict.fromkeys(chosen + [args.reference_arm])}
-        steps = {arm: round(args.steps * cost[args.reference_arm] / cost[arm]) for arm in chosen}
-        print("step time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in cost.items())
-              + " -> steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
+    steps = step_counts(args, arms, chosen, p.error)
     results = []
     with tempfile.TemporaryDirectory(prefix="dumo-quality-") as scratch:
         storage = str(Path(args.keep).resolve()) if args.keep else scratch
@@ -197,7 +235,8 @@ def main() -> None:
     table = []
     for arm in chosen:
         runs = [r for r in results if r["arm"] == arm]
-        table.append({"arm": arm, "steps": steps[arm], "s_per_run": statistics.mean(r["seconds"] for r in runs),
+        whole = [r["seconds"] for r in runs if not r.get("resumed")]  # a resumed run timed only its last part
+        table.append({"arm": arm, "steps": steps[arm], "s_per_run": statistics.mean(whole) if whole else None,
                       **{c: mean_std([r[c] for r in runs if c in r]) for c in columns}})
     base = arm_config([], args.preset, config=args.config, data=args.data)
     budget = (f"the step counts of {Path(args.steps_from).name}" if args.steps_from
