@@ -96,10 +96,10 @@ def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: in
 
     batch = arm_config(overrides, preset, config=config, data=data).optim.batch_size
     total = steps * batch
+    tenth = total // 10 // batch * batch or batch  # a log line and a checkpoint every tenth of the run
     cfg = arm_config(overrides, preset, config=config, data=data, extra=[
         f"train.seed={seed}", f"train.total_images={total}",
-        f"train.log_every_images={total // 10 // batch * batch or batch}",
-        f"train.checkpoint_every_images={total // 10 // batch * batch or batch}",
+        f"train.log_every_images={tenth}", f"train.checkpoint_every_images={tenth}",
         f"train.storage_path={storage}", f"train.name={arm}-{seed}".replace("/", "-"), "eval.steps=[1, 2, 4]",
         f"eval.euler_steps={euler}", "eval.every_images=0", "train.sample_steps=[1, 2]"])
     result_file = Path(cfg.run_dir) / "result.json"
@@ -132,9 +132,10 @@ def step_counts(args: argparse.Namespace, arms: dict[str, list[str]], chosen: li
     the first run's counts (DIR/plan.json), whatever this machine's timing says now."""
     plan_file = Path(args.keep) / "plan.json" if args.keep else None
     planned = json.loads(plan_file.read_text()) if plan_file and plan_file.is_file() else {}
+    kept = {arm: planned[arm] for arm in chosen if arm in planned}
     steps = {arm: args.steps for arm in chosen}
-    if all(arm in planned for arm in chosen):
-        steps = {arm: planned[arm] for arm in chosen}
+    if len(kept) == len(chosen):  # nothing to time or look up
+        pass
     elif args.steps_from:  # the earlier table's step counts, not this machine's timing: a new seed, the same budget
         earlier = json.loads(Path(args.steps_from).read_text())
         earlier_steps = {row["arm"]: row["steps"] for row in earlier.get("rows", []) if "steps" in row}
@@ -149,9 +150,9 @@ def step_counts(args: argparse.Namespace, arms: dict[str, list[str]], chosen: li
         steps = {arm: round(args.steps * cost[args.reference_arm] / cost[arm]) for arm in chosen}
         print("step time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in cost.items())
               + " -> steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
-    steps.update({arm: planned[arm] for arm in chosen if arm in planned})
-    if planned:
-        print(f"step counts of the first run in {plan_file}: {steps}", flush=True)
+    if kept:
+        steps.update(kept)
+        print(f"step counts of the first run in {plan_file}: {kept}", flush=True)
     if plan_file:
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_text(json.dumps({**planned, **steps}, indent=2))
