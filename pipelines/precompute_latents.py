@@ -143,6 +143,32 @@ def precompute_latents(
     return summary
 
 
+def precompute_pixels_in_process(input_dir: str | Path, output_dir: str | Path, *, resolution: int, mode: str = "L",
+                                 shard_size: int = 1000) -> dict[str, Any]:
+    """A pixel-space latent folder (--vae none) written by this pipeline's own stages and manifest writer in
+    this process, without Ray: shard k holds the same rows as the Ray Data pipeline puts there (sorted keys,
+    fixed shard size), and the shard bytes are the same (tests/test_precompute.py). For the tests and for a
+    machine without Ray (the GPU benchmark's Fashion-MNIST run). Returns the manifest."""
+    import numpy as np
+
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    records, classes = list_image_tree(input_dir)
+    geometry = _latent_geometry(None, resolution, mode)
+    num_shards = math.ceil(len(records) / shard_size)
+    names = {i: shard_name(i, num_shards) for i in range(num_shards)}
+    decode = DecodeImages(str(input_dir), resolution, mode)
+    encode = EncodeLatents(None, False, tuple(geometry["latent_shape"]))
+    for shard in range(num_shards):
+        rows = records[shard * shard_size:(shard + 1) * shard_size]
+        batch = {"key": np.asarray([r.key for r in rows], dtype=object), "label": np.asarray([r.label for r in rows]),
+                 "shard": np.full(len(rows), shard, dtype=np.int64)}
+        write_shard(encode(decode(batch)), str(output), names)
+    settings = {"source_root": str(Path(input_dir).resolve()), "resolution": resolution, "mode": mode, "flip": False,
+                "shard_size": shard_size}
+    return write_manifest(output, settings, geometry, classes, names)
+
+
 def write_manifest(output: Path, settings: dict[str, Any], geometry: dict[str, Any], classes: list[str],
                    names: dict[int, str]) -> dict[str, Any]:
     """Aggregates the shard sidecars into manifest.json (written to a temporary name, then renamed)."""

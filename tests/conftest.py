@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dumo_ray.models import build_model
+from dumo_ray.pipelines.precompute_latents import precompute_pixels_in_process
 
 # One thread in the test process (Ray's workers already get one each). The models under test are tiny, so a
 # second thread buys little, and on a shared machine a team of two OpenMP threads waits on whichever is
@@ -39,38 +40,6 @@ def undecodable_tree(root):
     (root / "a/other.png").write_text("not one either")
     (root / "b/empty.png").write_bytes(b"")
     return root
-
-
-def precompute_in_process(tree, output, resolution: int = 8, mode: str = "L", shard_size: int = 1000):
-    """A pixel-space latent folder (--vae none) written by the precompute's own stages and manifest writer,
-    in this process, shard k holding the same rows as the Ray Data pipeline puts there (sorted keys, fixed
-    shard size): for the tests that need a latent folder without starting Ray (the pipeline's own tests
-    check that its shard bytes do not depend on how the rows reach the writer)."""
-    import math
-    from pathlib import Path
-
-    import numpy as np
-
-    from dumo_ray.data.images import list_image_tree
-    from dumo_ray.data.latents import shard_name
-    from dumo_ray.data.precompute_stages import DecodeImages, EncodeLatents, write_shard
-    from dumo_ray.pipelines.precompute_latents import _latent_geometry, write_manifest
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    records, classes = list_image_tree(tree)
-    geometry = _latent_geometry(None, resolution, mode)
-    num_shards = math.ceil(len(records) / shard_size)
-    names = {i: shard_name(i, num_shards) for i in range(num_shards)}
-    decode, encode = DecodeImages(str(tree), resolution, mode), EncodeLatents(None, False, tuple(geometry["latent_shape"]))
-    for shard in range(num_shards):
-        rows = records[shard * shard_size:(shard + 1) * shard_size]
-        batch = {"key": np.asarray([r.key for r in rows], dtype=object), "label": np.asarray([r.label for r in rows]),
-                 "shard": np.full(len(rows), shard, dtype=np.int64)}
-        write_shard(encode(decode(batch)), str(output), names)
-    settings = {"source_root": str(Path(tree).resolve()), "resolution": resolution, "mode": mode, "flip": False,
-                "shard_size": shard_size}
-    return write_manifest(output, settings, geometry, classes, names)
 
 
 @pytest.fixture
@@ -160,5 +129,5 @@ def digits_latents(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("digits")
     write_digits_tree(root / "tree", limit=400)
-    precompute_in_process(root / "tree", root / "latents", shard_size=200)
+    precompute_pixels_in_process(root / "tree", root / "latents", resolution=8, shard_size=200)
     return root / "latents"

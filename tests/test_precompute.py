@@ -15,7 +15,7 @@ from dumo_ray.data.latents import MANIFEST, load_manifest, moments_array, moment
 from dumo_ray.data.loader import latent_dataset
 from dumo_ray.data.verify import verify_latents
 from dumo_ray.vae import encode_moments, encode_moments_in_chunks, in_fixed_chunks, load_vae
-from dumo_ray.pipelines.precompute_latents import precompute_latents
+from dumo_ray.pipelines.precompute_latents import precompute_latents, precompute_pixels_in_process
 
 GOOD = ["cat/photo.jpg", "cat/gray.png", "cat/rgba.png", "dog/cmyk.jpg", "dog/wide.jpg", "dog/palette.gif", "dog/sub/deep.png"]
 BAD = {"cat/truncated.jpg": "cannot decode", "cat/empty.jpg": "empty file", "dog/notes.txt": "cannot decode",
@@ -188,6 +188,10 @@ def test_digits_tree_in_pixel_space(local_ray, tmp_path):
     expected = np.round(images[3] * 255 / 16) / 127.5 - 1
     np.testing.assert_allclose(rows["moments"][i, 0, 0], expected, atol=2e-3)
     assert int(rows["label"][i]) == labels[3] and np.all(rows["moments"][:, 1] == 0)
+    # Without Ray (tests, the GPU benchmark), the same stages in one process write the same shard bytes.
+    local = precompute_pixels_in_process(tmp_path / "digits", tmp_path / "px-local", resolution=8, shard_size=16)
+    assert [s["sha256"] for s in local["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert local["latent_stats"] == manifest["latent_stats"] and local["rows"] == 40
 
 
 @pytest.mark.ray
@@ -237,11 +241,11 @@ def test_unknown_schema_is_a_clear_error(tmp_path):
 def test_verify_latents_of_an_empty_folder_is_a_clear_problem(tmp_path, capsys):
     """A folder of 0 rows (every file skipped) is reported as such, with the skip reasons, and exits 1; it used
     to crash on reshaping an empty array."""
-    from conftest import precompute_in_process, undecodable_tree
+    from conftest import undecodable_tree
     from dumo_ray.cli import main
 
     out = tmp_path / "latents"
-    manifest = precompute_in_process(undecodable_tree(tmp_path / "tree"), out)  # the precompute's own writers
+    manifest = precompute_pixels_in_process(undecodable_tree(tmp_path / "tree"), out, resolution=8)  # the precompute's own writers
     assert manifest["rows"] == 0 and len(manifest["shards"]) == 1
     report = verify_latents(out, preview=tmp_path / "preview.png")
     problem = ("the folder holds no latents (0 rows): every file was skipped (3 files skipped: 2 x cannot decode: "

@@ -101,13 +101,13 @@ def test_bf16_sampling_is_close_to_fp32_and_reproducible(pixel_export, tmp_path)
 def local_run(tmp_path_factory):
     """A run of the single-process launcher (no Ray): 2 steps of a tiny model on 40 digits, checkpointed by the
     project's own code. Returns the run folder (storage_path/name)."""
-    from conftest import precompute_in_process
+    from dumo_ray.pipelines.precompute_latents import precompute_pixels_in_process
     from dumo_ray.data.digits import write_digits_tree
     from dumo_ray.train.launch import train_local
 
     root = tmp_path_factory.mktemp("local-run")
     write_digits_tree(root / "tree", limit=40)
-    precompute_in_process(root / "tree", root / "latents")
+    precompute_pixels_in_process(root / "tree", root / "latents", resolution=8)
     cfg = load_config(ROOT / "configs/digits_local.yaml", [
         f"data.path={root / 'latents'}", "model.preset=DuMo-Micro/2", "optim.batch_size=8", "train.total_images=16",
         "train.log_every_images=8", "train.checkpoint_every_images=16", "train.num_sample_images=4",
