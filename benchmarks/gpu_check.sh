@@ -18,19 +18,28 @@
 #               Ray, DeepSpeed and friends come from the bundle of ../shared/tools/gpu-bundle.sh (BUNDLE, default
 #               .whl/, carried with the device tool's `carry`): its install.sh unpacks them into BUNDLE/site, put
 #               first on PYTHONPATH. MLflow is not packed: every run has tracking.enabled=false.
+#  fashion_quality (~8, run it alone) issue 16's equal-wall-time table on the GPU with a larger model: Fashion-MNIST's
+#               60,000 training images -> pixel latents in-process (benchmarks/fashion_data.py, no Ray), then
+#               quality_digits.py: DuMo, MeanFlow and flow matching, each FQ_SECONDS (120) of its timed step,
+#               FQ_PRESET (DuMo-S/2: 256 tokens) at batch FQ_BATCH (128), bf16 with the fp32 JVP (eager), judged
+#               by FD-fashion and accuracy at 1/2/4 steps and 50 Euler steps; the 1-step grids come back. Needs the
+#               folder of benchmarks/pack_fashion_gpu.sh (FASHION_PACK, default .gpu-fashion/, ~31 MB, carried):
+#               the official training files, the FD-fashion classifier's cache and pydantic's wheels. No Ray,
+#               DeepSpeed, diffusers or MLflow (the dry run rehearses it on the CPU with them made unimportable).
 # --dry-run (on the CPU, no GPU needed): checks this script's inputs (scripts present, configs load with the GPU
 # overrides, the synthetic-latent writer on a tiny size, the bundle with its install.sh and its size, repository +
 # bundle + data <= BUDGET_MIB, 64 MiB), prints what the GPU run would measure, and exits non-zero on a problem.
-# Knobs: BATCH STEPS TRAIN_STEPS (step_cost, digits), RAY_BATCH RAY_STEPS RAY_RESUME_STEPS SYNTHETIC_ROWS (ray).
+# Knobs: BATCH STEPS TRAIN_STEPS (step_cost, digits), RAY_BATCH RAY_STEPS RAY_RESUME_STEPS SYNTHETIC_ROWS (ray),
+# FQ_SECONDS FQ_PRESET FQ_BATCH FASHION_PACK (fashion_quality).
 # Each section runs even if an earlier one failed; the exit status says whether all passed. Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL=(step_cost sample_speed train_digits ray)
+ALL=(step_cost sample_speed train_digits ray fashion_quality)
 dry=0; sections=()
 for arg in "$@"; do
   case $arg in
     --dry-run) dry=1 ;;
-    step_cost|sample_speed|train_digits|ray) sections+=("$arg") ;;
+    step_cost|sample_speed|train_digits|ray|fashion_quality) sections+=("$arg") ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (use --dry-run and sections: ${ALL[*]})" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +50,13 @@ fashion=${FASHION_LATENTS:-data/fashion-latents.tar.xz}
 budget_mib=${BUDGET_MIB:-64}
 ray_batch=${RAY_BATCH:-64}; ray_steps=${RAY_STEPS:-30}; ray_resume=${RAY_RESUME_STEPS:-10}; rows=${SYNTHETIC_ROWS:-4096}
 xl2=configs/imagenet256_dumo_xl2.yaml
+pack=${FASHION_PACK:-.gpu-fashion}; [[ $pack = /* ]] || pack=$PWD/$pack
+fq_seconds=${FQ_SECONDS:-120}; fq_preset=${FQ_PRESET:-DuMo-S/2}; fq_batch=${FQ_BATCH:-128}
+# The GPU arms: configs/fashion32.yaml's settings but bf16 (auto on CUDA) with the fp32 JVP (a finite difference
+# in bf16 would cancel to noise), eager (a compile per arm and per timing would cost minutes of the lease).
+fq_args=(--config configs/fashion32.yaml --budget wall --seeds 0 --euler 50 --set train.device=auto
+         --set train.precision=auto --set jvp.estimator=jvp --set jvp.compile_jvp=never)
+without=ray,deepspeed,diffusers,mlflow  # not on the GPU machine's image, and not packed for this section
 gpu_sets=(train.precision=bf16 jvp.estimator=jvp jvp.compile_jvp=always distributed.use_gpu=true
           distributed.num_workers=1 distributed.zero_stage=2 tracking.enabled=false eval.features=none)
 
@@ -67,6 +83,9 @@ plan() {  # what the GPU run measures, section by section
       echo "- ray: configs/fashion32.yaml: skipped, no Fashion-MNIST latents at $fashion"
     fi
   fi
+  wants fashion_quality && echo "- fashion_quality: Fashion-MNIST 60,000 training images -> latents (in-process, seconds);" \
+    "$fq_preset batch $fq_batch, bf16 + fp32 JVP: dumo, meanflow, flow_matching, ${fq_seconds} s of timed steps each:" \
+    "steps, FD-fashion and accuracy at 1/2/4 steps and 50 Euler steps (quality_fashion_gpu.json), 1-step grids"
 }
 
 size_of() { du -sb "$@" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }  # apparent bytes: what travels
@@ -120,6 +139,18 @@ PYEOF
     fi
     [[ -e $fashion ]] && data=$(size_of "$fashion")
   fi
+  if wants fashion_quality; then
+    local pack_bytes=0
+    if [[ ! -d $pack ]]; then
+      problem "no Fashion-MNIST pack $pack (make it: bash benchmarks/pack_fashion_gpu.sh ${pack#"$PWD"/})"
+    else
+      pack_bytes=$(size_of "$pack"); data=$((data + pack_bytes))
+      echo "pack: $pack, $((pack_bytes / 1024)) KiB"
+      ls "$pack"/pydantic-*.whl "$pack"/pydantic_core-*cp312*.whl >/dev/null 2>&1 \
+        || problem "$pack has no pydantic or no Python 3.12 pydantic_core wheel (rerun benchmarks/pack_fashion_gpu.sh)"
+      fashion_rehearsal || problem "the fashion_quality rehearsal failed (above)"
+    fi
+  fi
   total=$((repo + bundle_bytes + data))
   awk -v r="$repo" -v b="$bundle_bytes" -v d="$data" -v t="$total" -v m="$budget_mib" 'BEGIN {
     printf "size: repository %.1f MiB + bundle %.1f MiB + data %.1f MiB = %.1f MiB (budget %s MiB)\n",
@@ -127,7 +158,30 @@ PYEOF
   (( total <= budget_mib * 1048576 )) || problem "repository + bundle + data exceed $budget_mib MiB"
   plan
   if (( problems )); then echo "dry run: $problems problem(s)"; return 1; fi
-  echo "dry run: ok (device tool: run 'bash benchmarks/gpu_check.sh ${sections[*]}' with carry [\"${bundle#"$PWD"/}\"] plus the Fashion-MNIST data if used)"
+  local carry=()
+  wants ray && carry+=("\"${bundle#"$PWD"/}\"")
+  wants fashion_quality && carry+=("\"${pack#"$PWD"/}\"")
+  echo "dry run: ok (device tool: run 'bash benchmarks/gpu_check.sh ${sections[*]}' with carry [$(IFS=,; echo "${carry[*]}")]" \
+       "plus the Fashion-MNIST latents for the ray section if used)"
+}
+
+fashion_rehearsal() {  # the section's own commands on a few images, with the GPU image's missing packages left out
+  local py=${PY:-python3} tmp rc=0
+  [[ -x .venv/bin/python && -z ${PY:-} ]] && py=.venv/bin/python
+  tmp=$(mktemp -d)
+  export PYTHONPATH="$PWD:$PWD/benchmarks" DUMO_RAY_FASHION_MNIST="$pack" DUMO_RAY_CACHE="$pack"
+  "$py" benchmarks/run_without.py "$without" benchmarks/fashion_data.py --source "$pack" --output "$tmp/latents" \
+    --limit 64 --shard-size 32 >"$tmp/log" 2>&1 \
+  && "$py" benchmarks/run_without.py "$without" benchmarks/quality_digits.py "${fq_args[@]}" --data "$tmp/latents" \
+    --preset DuMo-Micro/2 --set optim.batch_size=4 --set eval.num_images=10 --euler 2 --wall-seconds 0.2 \
+    --keep "$tmp/runs" --json "$tmp/q.json" >>"$tmp/log" 2>&1 || rc=1
+  if (( rc == 0 )); then
+    echo "fashion rehearsal: the section's commands ran on 64 images without $without: $(grep -c '"arm"' "$tmp/log") arms scored"
+  else
+    tail -n 20 "$tmp/log"
+  fi
+  rm -rf "$tmp"
+  return $rc
 }
 
 if (( dry )); then dry_run; exit $?; fi
@@ -180,5 +234,17 @@ if wants ray; then
     overhead fashion32 configs/fashion32.yaml "$fdata" 128 "${FASHION_STEPS:-200}" eval.features=none || status=1
   fi
   rm -rf "$work"
+fi
+if wants fashion_quality; then
+  fq=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --target "$fq/site" "$pack"/*.whl 2>&1 | tail -n 3 || status=1
+  fq_env=(env "PYTHONPATH=$fq/site:$PWD:$PWD/benchmarks" "DUMO_RAY_FASHION_MNIST=$pack" "DUMO_RAY_CACHE=$pack")
+  "${fq_env[@]}" python3 benchmarks/fashion_data.py --source "$pack" --output "$fq/latents" 2>&1 \
+    | tail -n 3 | tee "$out/fashion_data.log" || status=1
+  "${fq_env[@]}" python3 benchmarks/quality_digits.py "${fq_args[@]}" --data "$fq/latents" --preset "$fq_preset" \
+    --set "optim.batch_size=$fq_batch" --wall-seconds "$fq_seconds" --keep "$fq/runs" --json "$out/quality_fashion_gpu.json" \
+    2>&1 | grep -v "^\[dumo-ray\] checkpoint" | tee "$out/quality_fashion_gpu.log" || status=1
+  for run in "$fq"/runs/*-0; do cp "$run/samples/final_1step.png" "$out/fashion_gpu_$(basename "$run")_1step.png" 2>/dev/null; done
+  rm -rf "$fq"
 fi
 exit $status

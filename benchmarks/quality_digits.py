@@ -20,10 +20,14 @@ and makes the sweep resumable: rerun the same command and finished runs are read
 on from their latest checkpoint (one per tenth of a run), with the first run's step counts (DIR/plan.json).
 
 `--steps-from earlier.json` repeats an earlier table's step counts per arm (a new seed at the same budget).
+`--set KEY=VALUE` overrides the config for every arm (e.g. a GPU run's batch size or JVP estimator); every
+run, and the step timing of --budget wall, uses the config's device and precision (auto: CUDA and bf16 on
+a GPU machine).
 
 --budget wall gives every arm the wall time of `--steps` steps of `--reference-arm` (default: dumo at the
 current defaults; in the study's arms file, `dumo_v1` is dumo as first shipped) instead: each arm's step is timed first on this machine (same model and batch, 20 steps),
-and its step count scaled by the reference's step time / its own.
+and its step count scaled by the reference's step time / its own. `--wall-seconds S` gives every arm S
+seconds of its timed step instead (a machine whose speed is not known beforehand).
 """
 from __future__ import annotations
 
@@ -75,15 +79,19 @@ def step_seconds(overrides: list[str], preset: str | None, config: Path = DIGITS
 
     from dumo_ray.flow import build_objective
     from dumo_ray.models import build_model_from_config
+    from dumo_ray.train.devices import resolve_device, resolve_precision
 
     cfg = arm_config(overrides, preset, config=config, data=data)
+    device = resolve_device(cfg.train.device)  # the device and precision the run will train with
     torch.manual_seed(0)
-    model = build_model_from_config(cfg)
+    model = build_model_from_config(cfg).to(device)
     objective_fn = build_objective(cfg.objective, cfg.model.num_classes, cfg.jvp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch, size = cfg.optim.batch_size, cfg.model.input_size
-    data = {"x0": torch.randn(batch, cfg.model.in_channels, size, size), "y": torch.randint(0, cfg.model.num_classes, (batch,))}
-    return time_variant(model, objective_fn, optimizer, data, torch.device("cpu"), "fp32", steps=20, warmup=5)
+    data = {"x0": torch.randn(batch, cfg.model.in_channels, size, size, device=device),
+            "y": torch.randint(0, cfg.model.num_classes, (batch,), device=device)}
+    return time_variant(model, objective_fn, optimizer, data, device, resolve_precision(cfg.train.precision, device),
+                        steps=20, warmup=5)
 
 
 def run(arm: str, overrides: list[str], preset: str | None, seed: int, steps: int, euler: list[int], storage: str,
@@ -146,8 +154,9 @@ def step_counts(args: argparse.Namespace, arms: dict[str, list[str]], chosen: li
         steps = {arm: earlier_steps[arm] for arm in chosen}
     elif args.budget == "wall":
         cost = {arm: step_seconds(arms[arm], args.preset, args.config, args.data)
-                for arm in dict.fromkeys(chosen + [args.reference_arm])}
-        steps = {arm: round(args.steps * cost[args.reference_arm] / cost[arm]) for arm in chosen}
+                for arm in dict.fromkeys(chosen + [args.reference_arm] * (args.wall_seconds is None))}
+        budget = args.wall_seconds or args.steps * cost[args.reference_arm]
+        steps = {arm: max(1, round(budget / cost[arm])) for arm in chosen}
         print("step time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in cost.items())
               + " -> steps: " + ", ".join(f"{k} {v}" for k, v in steps.items()), flush=True)
     if kept:
@@ -195,10 +204,15 @@ def main() -> None:
     p.add_argument("--preset", default=None, help="model preset for every arm (default: the config's)")
     p.add_argument("--config", type=Path, default=DIGITS_CONFIG, help="the base config (default: configs/digits_local.yaml)")
     p.add_argument("--data", default=None, help="latent folder (default: the digits', written first if missing)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every arm, after the arm's own (repeatable), e.g. optim.batch_size=256")
     p.add_argument("--keep", default=None, metavar="DIR", help="keep each run's folder here (default: a temporary folder)")
     p.add_argument("--budget", choices=["steps", "wall"], default="steps",
                    help="steps: every arm trains --steps steps; wall: the wall time of --steps reference-arm steps")
     p.add_argument("--reference-arm", default="dumo", help="the arm whose --steps steps set the wall budget")
+    p.add_argument("--wall-seconds", type=float, default=None, metavar="S",
+                   help="with --budget wall: every arm trains for S seconds of its timed step (on a machine whose "
+                        "speed is not known beforehand, e.g. a lent GPU), instead of --steps reference-arm steps")
     p.add_argument("--steps-from", default=None, metavar="JSON",
                    help="each arm trains the step count it had in this earlier --json result (another seed, same budget)")
     p.add_argument("--euler", type=int, nargs="*", default=[50], help="also score the v-head with N Euler steps")
@@ -217,8 +231,10 @@ def main() -> None:
                                                   earlier["settings"]["runs"]))
         return
 
-    arms = load_arms(args.arms)
+    arms = {name: [*overrides, *args.set] for name, overrides in load_arms(args.arms).items()}
     chosen = args.only or args.objectives or list(arms)
+    if args.wall_seconds is not None and (args.budget != "wall" or args.wall_seconds <= 0):
+        p.error("--wall-seconds needs --budget wall and a positive number of seconds")
     unknown = [a for a in chosen + [args.reference_arm] * (args.budget == "wall") if a not in arms]
     if unknown:
         p.error(f"unknown arm(s) {unknown}; {args.arms or 'the default arms'} has {', '.join(arms)}")
@@ -239,9 +255,10 @@ def main() -> None:
         whole = [r["seconds"] for r in runs if not r.get("resumed")]  # a resumed run timed only its last part
         table.append({"arm": arm, "steps": steps[arm], "s_per_run": statistics.mean(whole) if whole else None,
                       **{c: mean_std([r[c] for r in runs if c in r]) for c in columns}})
-    base = arm_config([], args.preset, config=args.config, data=args.data)
+    base = arm_config(args.set, args.preset, config=args.config, data=args.data)
     budget = (f"the step counts of {Path(args.steps_from).name}" if args.steps_from
               else f"{args.steps:,} training steps" if args.budget == "steps"
+              else f"{args.wall_seconds:g} s of timed steps per arm" if args.wall_seconds
               else f"the wall time of {args.steps:,} {args.reference_arm} steps")
     title = (f"{base.model.preset} on {Path(base.data.path).name}, {budget} of batch {base.optim.batch_size}, "
              f"seeds {args.seeds}, {base.eval.num_images:,} evaluation samples (mean +- std)")

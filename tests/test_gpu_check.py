@@ -63,3 +63,22 @@ def test_dry_run_fails_without_the_bundle_and_on_a_bad_argument(tmp_path):
     assert code == 1 and f"PROBLEM: no bundle folder {tmp_path / 'missing'}" in out, out
     code, out = dry_run(tmp_path, "--fast")
     assert code == 2 and "unknown argument '--fast'" in out
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_fashion_section_checks_its_pack(tmp_path):
+    """The fashion_quality section's pack (benchmarks/pack_fashion_gpu.sh; the real one needs the 71 MB wheel):
+    missing, then holding files that are not the official ones and no pydantic wheel: named problems, and
+    the rehearsal of the section's commands stops at the MD5 check, naming the file."""
+    code, out = dry_run(tmp_path, "fashion_quality", FASHION_PACK=str(tmp_path / "none"))
+    assert code == 1 and f"PROBLEM: no Fashion-MNIST pack {tmp_path / 'none'}" in out, out
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (pack / name).write_bytes(b"not the official file")
+    code, out = dry_run(tmp_path, "fashion_quality", FASHION_PACK=str(pack))
+    assert code == 1, out
+    assert f"PROBLEM: {pack} has no pydantic or no Python 3.12 pydantic_core wheel" in out
+    assert f"Fashion-MNIST file {pack / 'train-images-idx3-ubyte.gz'} has MD5" in out
+    assert "PROBLEM: the fashion_quality rehearsal failed" in out and "dry run: 2 problem(s)" in out
+    assert "fashion_quality: Fashion-MNIST 60,000 training images" in out and "step_cost:" not in out

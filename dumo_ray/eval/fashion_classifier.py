@@ -78,6 +78,15 @@ def features_and_predictions(net: FashionNet, pixels: torch.Tensor, batch: int =
     return np.concatenate(hidden), np.concatenate(predicted)
 
 
+def cache_file(source: str | Path | None = None) -> tuple[Path, str]:
+    """(where the classifier trained on this source's training images is cached, their MD5)."""
+    from dumo_ray.data.fashion import SPLIT_FILES, resolve_source
+    from dumo_ray.digests import file_md5
+
+    train_md5 = file_md5(resolve_source(source) / SPLIT_FILES["train"][0])
+    return cache_dir() / f"fd-fashion-v{RECIPE['version']}-{train_md5[:12]}.safetensors", train_md5
+
+
 def load_or_train(source: str | Path | None = None,
                   checksums: dict[str, str] | None = OFFICIAL_MD5) -> tuple[FashionNet, tuple[np.ndarray, np.ndarray]]:
     """(the classifier, the training split's feature statistics), from the cache or trained now. The cache
@@ -85,11 +94,9 @@ def load_or_train(source: str | Path | None = None,
     ones, e.g. a test's)."""
     from safetensors.numpy import load_file, save_file
 
-    from dumo_ray.data.fashion import SPLIT_FILES, load_fashion, pad_to, resolve_source
-    from dumo_ray.digests import file_md5 as md5
+    from dumo_ray.data.fashion import load_fashion, pad_to
 
-    train_md5 = md5(resolve_source(source) / SPLIT_FILES["train"][0])
-    path = cache_dir() / f"fd-fashion-v{RECIPE['version']}-{train_md5[:12]}.safetensors"
+    path, train_md5 = cache_file(source)
     if path.is_file():
         tensors = load_file(path)
         net = FashionNet()
