@@ -148,7 +148,7 @@ PYEOF
       echo "pack: $pack, $((pack_bytes / 1024)) KiB"
       ls "$pack"/pydantic-*.whl "$pack"/pydantic_core-*cp312*.whl >/dev/null 2>&1 \
         || problem "$pack has no pydantic or no Python 3.12 pydantic_core wheel (rerun benchmarks/pack_fashion_gpu.sh)"
-      fashion_rehearsal || problem "the fashion_quality rehearsal failed (above)"
+      fashion_rehearsal "$py" || problem "the fashion_quality rehearsal failed (above)"
     fi
   fi
   total=$((repo + bundle_bytes + data))
@@ -165,14 +165,14 @@ PYEOF
        "plus the Fashion-MNIST latents for the ray section if used)"
 }
 
-fashion_rehearsal() {  # the section's own commands on a few images, with the GPU image's missing packages left out
-  local py=${PY:-python3} tmp rc=0
-  [[ -x .venv/bin/python && -z ${PY:-} ]] && py=.venv/bin/python
+fashion_rehearsal() {  # PY: the section's own commands on a few images, the GPU image's missing packages left out
+  local tmp rc=0 run
   tmp=$(mktemp -d)
-  export PYTHONPATH="$PWD:$PWD/benchmarks" DUMO_RAY_FASHION_MNIST="$pack" DUMO_RAY_CACHE="$pack"
-  "$py" benchmarks/run_without.py "$without" benchmarks/fashion_data.py --source "$pack" --output "$tmp/latents" \
+  run=(env "PYTHONPATH=$PWD:$PWD/benchmarks" "DUMO_RAY_FASHION_MNIST=$pack" "DUMO_RAY_CACHE=$pack"
+       "$1" benchmarks/run_without.py "$without")
+  "${run[@]}" benchmarks/fashion_data.py --source "$pack" --output "$tmp/latents" \
     --limit 64 --shard-size 32 >"$tmp/log" 2>&1 \
-  && "$py" benchmarks/run_without.py "$without" benchmarks/quality_digits.py "${fq_args[@]}" --data "$tmp/latents" \
+  && "${run[@]}" benchmarks/quality_digits.py "${fq_args[@]}" --data "$tmp/latents" \
     --preset DuMo-Micro/2 --set optim.batch_size=4 --set eval.num_images=10 --euler 2 --wall-seconds 0.2 \
     --keep "$tmp/runs" --json "$tmp/q.json" >>"$tmp/log" 2>&1 || rc=1
   if (( rc == 0 )); then
